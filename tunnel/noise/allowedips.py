@@ -1,0 +1,108 @@
+"""Cryptokey routing: AllowedIPs as longest-prefix match for IPv4 and IPv6.
+
+One dict per prefix length, keyed by the masked address as an int; a lookup probes the lengths in
+use from longest to shortest. Tables hold few distinct lengths in practice, so a lookup is a handful
+of dict probes, cheaper in Python than walking a bit trie. Inserting a prefix that another peer
+holds moves it, as in WireGuard.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class _Family(Generic[T]):
+    __slots__ = ("bits", "tables", "lengths")
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self.tables: dict[int, dict[int, T]] = {}
+        self.lengths: list[int] = []  # descending
+
+    def insert(self, addr: int, plen: int, value: T) -> None:
+        table = self.tables.get(plen)
+        if table is None:
+            table = self.tables[plen] = {}
+            self.lengths = sorted(self.tables, reverse=True)
+        table[addr >> (self.bits - plen)] = value
+
+    def remove(self, addr: int, plen: int) -> T | None:
+        table = self.tables.get(plen)
+        if table is None:
+            return None
+        value = table.pop(addr >> (self.bits - plen), None)
+        if not table:
+            del self.tables[plen]
+            self.lengths = sorted(self.tables, reverse=True)
+        return value
+
+    def lookup(self, addr: int) -> T | None:
+        bits = self.bits
+        tables = self.tables
+        for plen in self.lengths:
+            value = tables[plen].get(addr >> (bits - plen))
+            if value is not None:
+                return value
+        return None
+
+
+def parse_prefix(text: str) -> Network:
+    """Parse 'addr/len' (host bits are cleared, as `wg` does). Raises ValueError."""
+    return ipaddress.ip_network(text.strip(), strict=False)
+
+
+class AllowedIPs(Generic[T]):
+    def __init__(self) -> None:
+        self._v4: _Family[T] = _Family(32)
+        self._v6: _Family[T] = _Family(128)
+
+    def insert(self, network: Network, value: T) -> None:
+        fam = self._v4 if network.version == 4 else self._v6
+        fam.insert(int(network.network_address), network.prefixlen, value)
+
+    def remove(self, network: Network) -> None:
+        fam = self._v4 if network.version == 4 else self._v6
+        fam.remove(int(network.network_address), network.prefixlen)
+
+    def remove_value(self, value: T) -> None:
+        """Drop every prefix routed to `value` (a removed peer)."""
+        for fam in (self._v4, self._v6):
+            for plen, table in list(fam.tables.items()):
+                for key in [k for k, v in table.items() if v is value]:
+                    del table[key]
+                if not table:
+                    del fam.tables[plen]
+            fam.lengths = sorted(fam.tables, reverse=True)
+
+    def prefixes_of(self, value: T) -> Iterator[Network]:
+        for fam, cls in ((self._v4, ipaddress.IPv4Network), (self._v6, ipaddress.IPv6Network)):
+            for plen in sorted(fam.tables, reverse=True):
+                for key, v in fam.tables[plen].items():
+                    if v is value:
+                        yield cls((key << (fam.bits - plen), plen))
+
+    def lookup_exact(self, network: Network) -> T | None:
+        fam = self._v4 if network.version == 4 else self._v6
+        table = fam.tables.get(network.prefixlen)
+        if table is None:
+            return None
+        return table.get(int(network.network_address) >> (fam.bits - network.prefixlen))
+
+    def lookup_v4(self, addr: bytes) -> T | None:
+        return self._v4.lookup(int.from_bytes(addr, "big"))
+
+    def lookup_v6(self, addr: bytes) -> T | None:
+        return self._v6.lookup(int.from_bytes(addr, "big"))
+
+    def lookup(self, addr: bytes) -> T | None:
+        """Longest-prefix match of a packed 4- or 16-byte address."""
+        if len(addr) == 4:
+            return self._v4.lookup(int.from_bytes(addr, "big"))
+        if len(addr) == 16:
+            return self._v6.lookup(int.from_bytes(addr, "big"))
+        return None

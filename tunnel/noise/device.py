@@ -1,0 +1,694 @@
+"""The device-level protocol object: our key, many peers, batches in and batches out.
+
+    outbound(ip_packets, now)      -> [(datagram, endpoint), ...]
+    inbound([(datagram, src)], now) -> Inbound(to_tun=[ip_packet, ...], to_net=[(datagram, endpoint), ...])
+    tick(now)                      -> [(datagram, endpoint), ...]
+    next_deadline()                -> when tick() next has something to do
+
+No sockets, no trio, no clock reads: `now` is a monotonic time in seconds supplied by the caller,
+and Unix time (for TAI64N and `wg show`) is `now + wall_offset`. A datagram that fails any check is
+dropped and counted in `drops` by reason; nothing off the wire raises out of these calls, and only
+authenticated messages change protocol state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from . import crypto
+from .allowedips import AllowedIPs, Network
+from .constants import (
+    DEFAULT_MTU,
+    HANDSHAKE_LOAD_THRESHOLD,
+    INITIATION_SIZE,
+    MAX_TIMER_HANDSHAKES,
+    MSG_COOKIE_REPLY,
+    MSG_INITIATION,
+    MSG_RESPONSE,
+    MSG_TRANSPORT,
+    REJECT_AFTER_MESSAGES,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_ON_RECEIVE_AGE,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX,
+    RESPONSE_SIZE,
+    COOKIE_REPLY_SIZE,
+    STAGED_QUEUE_SIZE,
+    TRANSPORT_MIN_SIZE,
+    UNDER_LOAD_AFTER_TIME,
+)
+from .cookie import CookieChecker
+from .handshake import (
+    HandshakeError,
+    Identity,
+    consume_initiation,
+    consume_response,
+    create_initiation,
+    create_response,
+    derive_transport_keys,
+)
+from .messages import COOKIE_RECEIVER, INIT_SENDER, RESP_RECEIVER, RESP_SENDER, TRANSPORT_HEADER, U32, u32
+from .peer import Endpoint, Peer
+from .ratelimit import RateLimiter
+from .session import Keypair
+from .timers import Timer
+
+Datagram = tuple[bytes, Endpoint]
+
+_NONCE = crypto._NONCE  # "<4xQ": the transport nonce
+_PAD = bytes(16)
+
+
+class Drop:
+    """Reasons a datagram or packet is dropped (keys of `Device.drops`)."""
+
+    SHORT = "short datagram"
+    BAD_TYPE = "unknown message type"
+    BAD_SIZE = "bad handshake message size"
+    NO_KEY = "no private key"
+    MAC1 = "invalid mac1"
+    COOKIE_SENT = "under load: cookie reply sent"
+    RATELIMIT = "under load: rate limited"
+    BAD_INITIATION = "initiation rejected"
+    BAD_RESPONSE = "response rejected"
+    BAD_COOKIE = "cookie reply rejected"
+    UNKNOWN_INDEX = "unknown receiver index"
+    EXPIRED_KEYPAIR = "keypair expired"
+    DECRYPT = "transport authentication failed"
+    REPLAY = "replayed counter"
+    BAD_INNER = "invalid inner packet"
+    SOURCE_NOT_ALLOWED = "inner source not in peer's allowed ips"
+    BAD_OUTBOUND = "invalid outbound packet"
+    NO_ROUTE = "no peer for destination"
+    NO_ENDPOINT = "peer has no endpoint"
+    STAGED_FULL = "staged queue full"
+    GAVE_UP = "handshake gave up: staged packets flushed"
+    KEYS_ZEROED = "keys zeroed: staged packets flushed"
+
+
+@dataclass
+class Inbound:
+    to_tun: list[bytes] = field(default_factory=list)
+    to_net: list[Datagram] = field(default_factory=list)
+
+
+def _source_bytes(src: Endpoint) -> bytes:
+    """The bytes a cookie is bound to: packed IP || port, or a stable encoding of any other
+    endpoint type the I/O layer uses."""
+    try:
+        host, port = src[0], src[1]  # type: ignore[index]
+        return ipaddress.ip_address(host).packed + int(port).to_bytes(2, "big")
+    except (TypeError, ValueError, IndexError, KeyError, OverflowError):
+        return repr(src).encode()
+
+
+def _source_host(src: Endpoint) -> object:
+    try:
+        return src[0]  # type: ignore[index]
+    except (TypeError, IndexError, KeyError):
+        return src
+
+
+def _padded_length(n: int, mtu: int) -> int:
+    """Plaintext length after zero padding: a multiple of 16, never past the MTU
+    (wireguard-go calculatePaddingSize)."""
+    last_unit = n
+    if n > mtu:
+        last_unit %= mtu
+    padded = (last_unit + 15) & ~15
+    if padded > mtu:
+        padded = mtu
+    return n - last_unit + padded
+
+
+class Device:
+    def __init__(
+        self,
+        private_key: bytes | None = None,
+        *,
+        wall_offset: float,
+        mtu: int = DEFAULT_MTU,
+        rng: Callable[[int], bytes] = os.urandom,
+        handshake_load_threshold: int = HANDSHAKE_LOAD_THRESHOLD,
+        staged_queue_size: int = STAGED_QUEUE_SIZE,
+    ) -> None:
+        self.wall_offset = wall_offset
+        self.mtu = mtu
+        self._rng = rng
+        self.handshake_load_threshold = handshake_load_threshold
+        self.staged_queue_size = staged_queue_size
+        self.identity: Identity | None = None
+        self.cookie_checker: CookieChecker | None = None
+        self.peers: dict[bytes, Peer] = {}
+        self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
+        # Our receiver indices: a Peer (its handshake in progress) or a Keypair.
+        self._index: dict[int, Peer | Keypair] = {}
+        self.ratelimiter = RateLimiter()
+        self.drops: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()
+        self._load_window_start = float("-inf")
+        self._load_count = 0
+        self._under_load_until = float("-inf")
+        if private_key is not None:
+            self.set_private_key(private_key)
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def public_key(self) -> bytes | None:
+        return self.identity.public if self.identity else None
+
+    def set_private_key(self, private_key: bytes | None) -> None:
+        """Change our static key. Peers keep their configuration; their sessions and handshakes
+        (made under the old key) end, and a peer whose public key is our new one is removed."""
+        if private_key is not None and self.identity is not None and crypto.constant_time_eq(
+            private_key, self.identity.private
+        ):
+            return
+        self.identity = Identity(private_key) if private_key is not None else None
+        self.cookie_checker = CookieChecker(self.identity.public, self._rng) if self.identity else None
+        if self.identity is not None and self.identity.public in self.peers:
+            self.remove_peer(self.identity.public)
+        for peer in self.peers.values():
+            peer.handshake.set_identity(self.identity)
+            self._clear_handshake(peer)
+            for kp in peer.keypairs.all():
+                kp.send_counter = REJECT_AFTER_MESSAGES  # can still receive, never send again
+
+    def add_peer(
+        self,
+        public_key: bytes,
+        *,
+        preshared_key: bytes | None = None,
+        endpoint: Endpoint | None = None,
+        allowed_ips: Iterable[Network | str] = (),
+        persistent_keepalive: int = 0,
+    ) -> Peer:
+        if len(public_key) != 32:
+            raise ValueError("a public key is 32 bytes")
+        if public_key in self.peers:
+            raise ValueError("peer already exists")
+        if self.identity is not None and crypto.constant_time_eq(public_key, self.identity.public):
+            raise ValueError("a peer cannot have our own public key")
+        peer = Peer(self.identity, public_key, preshared_key or bytes(32), self._jitter)
+        self.peers[public_key] = peer
+        peer.endpoint = endpoint
+        for net in allowed_ips:
+            self.add_allowed_ip(peer, net)
+        self.set_persistent_keepalive(peer, persistent_keepalive)
+        return peer
+
+    def remove_peer(self, public_key: bytes) -> None:
+        peer = self.peers.pop(public_key, None)
+        if peer is None:
+            return
+        self.allowed_ips.remove_value(peer)
+        self._zero_peer(peer)
+        peer.timers.stop_all()
+
+    def set_preshared_key(self, peer: Peer, preshared_key: bytes | None) -> None:
+        key = preshared_key or bytes(32)
+        if len(key) != 32:
+            raise ValueError("a preshared key is 32 bytes")
+        peer.handshake.preshared_key = key
+
+    def set_persistent_keepalive(self, peer: Peer, seconds: int) -> None:
+        if not 0 <= seconds <= 65535:
+            raise ValueError("persistent keepalive is 0..65535 seconds")
+        was = peer.timers.persistent_keepalive_interval
+        peer.timers.persistent_keepalive_interval = seconds
+        if seconds == 0:
+            peer.timers.deadlines.pop(Timer.PERSISTENT_KEEPALIVE, None)
+        elif seconds != was:
+            # As wireguard-go: turning it on sends a keepalive now (starting a handshake).
+            peer.keepalive_requested = True
+
+    def add_allowed_ip(self, peer: Peer, net: Network | str) -> None:
+        if isinstance(net, str):
+            net = ipaddress.ip_network(net, strict=False)
+        self.allowed_ips.insert(net, peer)
+
+    def remove_allowed_ip(self, peer: Peer, net: Network | str) -> None:
+        if isinstance(net, str):
+            net = ipaddress.ip_network(net, strict=False)
+        if self.allowed_ips.lookup_exact(net) is peer:
+            self.allowed_ips.remove(net)
+
+    def clear_allowed_ips(self, peer: Peer) -> None:
+        self.allowed_ips.remove_value(peer)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _jitter(self) -> float:
+        return int.from_bytes(self._rng(4), "little") / 2**32 * REKEY_TIMEOUT_JITTER_MAX
+
+    def _new_index(self, owner: Peer | Keypair) -> int:
+        while True:
+            idx = int.from_bytes(self._rng(4), "little")
+            if idx and idx not in self._index:
+                self._index[idx] = owner
+                return idx
+
+    def _drop_index(self, idx: int, owner: Peer | Keypair) -> None:
+        if idx and self._index.get(idx) is owner:
+            del self._index[idx]
+
+    def _clear_handshake(self, peer: Peer) -> None:
+        self._drop_index(peer.handshake.local_index, peer)
+        peer.handshake.clear()
+
+    def _retire(self, keypairs: Iterable[Keypair]) -> None:
+        for kp in keypairs:
+            self._drop_index(kp.local_index, kp)
+
+    def _zero_peer(self, peer: Peer) -> None:
+        self._retire(peer.keypairs.clear())
+        self._clear_handshake(peer)
+
+    def _begin_session(self, peer: Peer, now: float) -> Keypair:
+        hs = peer.handshake
+        send_key, recv_key, initiator = derive_transport_keys(hs)
+        kp = Keypair(peer, send_key, recv_key, initiator, hs.local_index, hs.remote_index, now)
+        self._index[hs.local_index] = kp  # the handshake's index now names the keypair
+        hs.local_index = 0
+        self._retire(peer.keypairs.install(kp))
+        peer.timers.session_derived(now)
+        return kp
+
+    def _handshake_complete(self, peer: Peer, now: float) -> None:
+        peer.timers.handshake_complete(now)
+        peer.last_handshake_wall = now + self.wall_offset
+        self.stats["handshakes completed"] += 1
+
+    def under_load(self, now: float) -> bool:
+        return now < self._under_load_until
+
+    def _note_handshake_load(self, count: int, now: float) -> bool:
+        if now - self._load_window_start >= UNDER_LOAD_AFTER_TIME:
+            self._load_window_start = now
+            self._load_count = 0
+        self._load_count += count
+        if self._load_count >= self.handshake_load_threshold:
+            self._under_load_until = now + UNDER_LOAD_AFTER_TIME
+        return now < self._under_load_until
+
+    # ------------------------------------------------------------------ sending
+
+    def _send_initiation(self, peer: Peer, now: float, out: list[Datagram], is_retry: bool) -> None:
+        timers = peer.timers
+        hs = peer.handshake
+        if not is_retry:
+            timers.handshake_attempts = 0
+        if hs.last_sent_handshake is not None and now - hs.last_sent_handshake < REKEY_TIMEOUT:
+            return  # rate limited: at most one initiation per REKEY_TIMEOUT
+        if self.identity is None:
+            self.drops[Drop.NO_KEY] += 1
+            return
+        if peer.endpoint is None:
+            self.drops[Drop.NO_ENDPOINT] += 1
+            return
+        self._drop_index(hs.local_index, peer)
+        index = self._new_index(peer)
+        try:
+            msg = create_initiation(self.identity, hs, index, self._rng(32), now + self.wall_offset)
+        except HandshakeError:
+            self._drop_index(index, peer)
+            hs.local_index = 0
+            self.stats["initiation impossible (bad peer key)"] += 1
+            return
+        hs.last_sent_handshake = now
+        peer.cookie.add_macs(msg, now)
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_sent(now)
+        out.append((bytes(msg), peer.endpoint))
+        peer.tx_bytes += INITIATION_SIZE
+        self.stats["initiations sent"] += 1
+        timers.handshake_initiated(now)
+
+    def _seal(self, peer: Peer, kp: Keypair, packets: list[bytes], now: float, out: list[Datagram]) -> None:
+        """Encrypt `packets` in order under `kp` and queue them for `peer.endpoint`."""
+        endpoint = peer.endpoint
+        if endpoint is None:
+            self.drops[Drop.NO_ENDPOINT] += len(packets)
+            return
+        mtu = self.mtu
+        seal = kp.send.encrypt
+        nonce = _NONCE.pack
+        header = TRANSPORT_HEADER.pack
+        ridx = kp.remote_index
+        counter = kp.send_counter
+        append = out.append
+        nbytes = 0
+        data_sent = False
+        for pkt in packets:
+            n = len(pkt)
+            if n:
+                data_sent = True
+                p = _padded_length(n, mtu)
+                if p != n:
+                    pkt = pkt + _PAD[: p - n] if p - n <= 16 else pkt + bytes(p - n)
+            msg = header(MSG_TRANSPORT, ridx, counter) + seal(nonce(counter), pkt, None)
+            counter += 1
+            nbytes += len(msg)
+            append((msg, endpoint))
+        kp.send_counter = counter
+        peer.tx_bytes += nbytes
+        timers = peer.timers
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_sent(now)
+        if data_sent:
+            timers.data_sent(now)
+        # keep key fresh (sending side)
+        if counter > REKEY_AFTER_MESSAGES or (kp.is_initiator and now - kp.created > REKEY_AFTER_TIME):
+            self._send_initiation(peer, now, out, is_retry=False)
+
+    def _stage(self, peer: Peer, packets: Iterable[bytes]) -> None:
+        staged = peer.staged
+        limit = self.staged_queue_size
+        for pkt in packets:
+            if len(staged) >= limit:
+                staged.popleft()
+                self.drops[Drop.STAGED_FULL] += 1
+            staged.append(pkt)
+
+    def _send_staged(self, peer: Peer, now: float, out: list[Datagram]) -> None:
+        if not peer.staged:
+            return
+        kp = peer.keypairs.current
+        if kp is None or not kp.can_send(now, len(peer.staged)):
+            self._send_initiation(peer, now, out, is_retry=False)
+            return
+        packets = list(peer.staged)
+        peer.staged.clear()
+        self._seal(peer, kp, packets, now, out)
+
+    def _send_keepalive(self, peer: Peer, now: float, out: list[Datagram]) -> None:
+        if not peer.staged:
+            peer.staged.append(b"")
+        self._send_staged(peer, now, out)
+
+    def outbound(self, packets: Iterable[bytes], now: float) -> list[Datagram]:
+        """IP packets read from the TUN -> datagrams to send. Routing is done per destination
+        address once per batch; each peer's packets are sealed together under one keypair."""
+        out: list[Datagram] = []
+        if self.identity is None:
+            n = len(packets) if isinstance(packets, list) else sum(1 for _ in packets)
+            self.drops[Drop.NO_KEY] += n
+            return out
+        by_peer: dict[Peer, list[bytes]] = {}
+        routes: dict[bytes, Peer | None] = {}
+        lookup = self.allowed_ips.lookup
+        for pkt in packets:
+            if len(pkt) >= 20 and pkt[0] >> 4 == 4:
+                dst = pkt[16:20]
+            elif len(pkt) >= 40 and pkt[0] >> 4 == 6:
+                dst = pkt[24:40]
+            else:
+                self.drops[Drop.BAD_OUTBOUND] += 1
+                continue
+            peer = routes.get(dst, False)
+            if peer is False:
+                peer = routes[dst] = lookup(dst)
+            if peer is None:
+                self.drops[Drop.NO_ROUTE] += 1
+                continue
+            group = by_peer.get(peer)
+            if group is None:
+                by_peer[peer] = [pkt]
+            else:
+                group.append(pkt)
+        for peer, group in by_peer.items():
+            kp = peer.keypairs.current
+            if not peer.staged and kp is not None and kp.can_send(now, len(group)):
+                self._seal(peer, kp, group, now, out)
+            else:
+                self._stage(peer, group)
+                self._send_staged(peer, now, out)
+        return out
+
+    # ------------------------------------------------------------------ receiving
+
+    def inbound(self, datagrams: Iterable[tuple[bytes, Endpoint]], now: float) -> Inbound:
+        """Datagrams read from the network, with their sources -> IP packets for the TUN and
+        datagrams to send (handshake responses, cookie replies, keepalives, flushed queues)."""
+        result = Inbound()
+        if not isinstance(datagrams, list):
+            datagrams = list(datagrams)
+        n_handshakes = 0
+        for data, _ in datagrams:
+            if len(data) >= 4 and (data[0] == MSG_INITIATION or data[0] == MSG_RESPONSE):
+                n_handshakes += 1
+        under_load = self._note_handshake_load(n_handshakes, now) if n_handshakes else self.under_load(now)
+
+        touched: dict[Peer, bool] = {}  # peer -> data (not only keepalives) received
+        last_index = -1
+        last_kp: Keypair | None = None
+        routes: dict[bytes, Peer | None] = {}
+        to_tun = result.to_tun
+        for data, src in datagrams:
+            n = len(data)
+            if n < 4:
+                self.drops[Drop.SHORT] += 1
+                continue
+            mtype = data[0]
+            if data[1] or data[2] or data[3] or not MSG_INITIATION <= mtype <= MSG_TRANSPORT:
+                self.drops[Drop.BAD_TYPE] += 1
+                continue
+            if mtype != MSG_TRANSPORT:
+                self._handshake_message(mtype, data, src, now, under_load, result.to_net)
+                # A handshake may have replaced keypairs: forget the cached one.
+                last_index, last_kp = -1, None
+                continue
+
+            # ---- transport data
+            if n < TRANSPORT_MIN_SIZE:
+                self.drops[Drop.SHORT] += 1
+                continue
+            _, receiver, counter = TRANSPORT_HEADER.unpack_from(data, 0)
+            if receiver == last_index:
+                kp = last_kp
+            else:
+                owner = self._index.get(receiver)
+                kp = owner if isinstance(owner, Keypair) else None
+                last_index, last_kp = receiver, kp
+            if kp is None:
+                self.drops[Drop.UNKNOWN_INDEX] += 1
+                continue
+            if not kp.can_receive(now):
+                self.drops[Drop.EXPIRED_KEYPAIR] += 1
+                continue
+            if counter >= REJECT_AFTER_MESSAGES:
+                self.drops[Drop.REPLAY] += 1
+                continue
+            try:
+                plaintext = kp.recv.decrypt(_NONCE.pack(counter), data[16:], None)
+            except crypto.InvalidTag:
+                self.drops[Drop.DECRYPT] += 1
+                continue
+            if not kp.replay.check_and_update(counter):
+                self.drops[Drop.REPLAY] += 1
+                continue
+
+            # Authenticated from here on.
+            peer = kp.peer
+            peer.endpoint = src  # roaming: follow the peer to wherever it now sends from
+            peer.rx_bytes += n
+            if kp is peer.keypairs.next:
+                self._retire([r] if (r := peer.keypairs.confirm(kp)) else [])
+                self._handshake_complete(peer, now)
+                self._send_staged(peer, now, result.to_net)
+            got_data = touched.get(peer, False)
+            if not plaintext:
+                touched[peer] = got_data
+                self.stats["keepalives received"] += 1
+                continue
+            touched[peer] = True
+
+            version = plaintext[0] >> 4
+            plen = len(plaintext)
+            if version == 4 and plen >= 20:
+                total = (plaintext[2] << 8) | plaintext[3]
+                src_addr = plaintext[12:16]
+                ok = 20 <= total <= plen
+            elif version == 6 and plen >= 40:
+                total = 40 + ((plaintext[4] << 8) | plaintext[5])
+                src_addr = plaintext[8:24]
+                ok = total <= plen
+            else:
+                ok = False
+            if not ok:
+                self.drops[Drop.BAD_INNER] += 1
+                continue
+            allowed = routes.get(src_addr, False)
+            if allowed is False:
+                allowed = routes[src_addr] = self.allowed_ips.lookup(src_addr)
+            if allowed is not peer:
+                self.drops[Drop.SOURCE_NOT_ALLOWED] += 1
+                continue
+            to_tun.append(plaintext if total == plen else plaintext[:total])
+
+        # Timer bookkeeping once per peer per batch.
+        for peer, got_data in touched.items():
+            timers = peer.timers
+            timers.any_authenticated_packet_traversal(now)
+            timers.any_authenticated_packet_received(now)
+            if got_data:
+                timers.data_received(now)
+            kp = peer.keypairs.current
+            if (
+                not timers.sent_last_minute_handshake
+                and kp is not None
+                and kp.is_initiator
+                and now - kp.created > REKEY_ON_RECEIVE_AGE
+            ):
+                timers.sent_last_minute_handshake = True
+                self._send_initiation(peer, now, result.to_net, is_retry=False)
+        return result
+
+    def _handshake_message(
+        self, mtype: int, data: bytes, src: Endpoint, now: float, under_load: bool, out: list[Datagram]
+    ) -> None:
+        size = len(data)
+        if mtype == MSG_COOKIE_REPLY:
+            if size != COOKIE_REPLY_SIZE:
+                self.drops[Drop.BAD_SIZE] += 1
+                return
+            owner = self._index.get(u32(data, COOKIE_RECEIVER))
+            peer = owner.peer if isinstance(owner, Keypair) else owner
+            if peer is None or not peer.cookie.consume_reply(data, now):
+                self.drops[Drop.BAD_COOKIE] += 1
+                return
+            self.stats["cookie replies received"] += 1
+            return
+
+        if size != (INITIATION_SIZE if mtype == MSG_INITIATION else RESPONSE_SIZE):
+            self.drops[Drop.BAD_SIZE] += 1
+            return
+        identity, checker = self.identity, self.cookie_checker
+        if identity is None or checker is None:
+            self.drops[Drop.NO_KEY] += 1
+            return
+        if not checker.check_mac1(data):
+            self.drops[Drop.MAC1] += 1
+            return
+        if under_load:
+            source = _source_bytes(src)
+            if not checker.check_mac2(data, source, now):
+                sender = u32(data, INIT_SENDER if mtype == MSG_INITIATION else RESP_SENDER)
+                out.append((checker.create_reply(data, sender, source, now), src))
+                self.drops[Drop.COOKIE_SENT] += 1
+                return
+            if not self.ratelimiter.allow(_source_host(src), now):
+                self.drops[Drop.RATELIMIT] += 1
+                return
+
+        if mtype == MSG_INITIATION:
+            hs = consume_initiation(identity, data, self._find_handshake, now)
+            if hs is None:
+                self.drops[Drop.BAD_INITIATION] += 1
+                return
+            peer = self.peers[hs.remote_static]
+            peer.endpoint = src
+            peer.rx_bytes += size
+            timers = peer.timers
+            timers.any_authenticated_packet_traversal(now)
+            timers.any_authenticated_packet_received(now)
+            self._drop_index(hs.local_index, peer)
+            index = self._new_index(peer)
+            try:
+                msg = create_response(hs, index, self._rng(32))
+            except HandshakeError:
+                self._drop_index(index, peer)
+                self._clear_handshake(peer)
+                self.drops[Drop.BAD_INITIATION] += 1
+                return
+            peer.cookie.add_macs(msg, now)
+            self._begin_session(peer, now)
+            # The kernel counts a response as a sent handshake, so we do not initiate over it.
+            hs.last_sent_handshake = now
+            timers.any_authenticated_packet_traversal(now)
+            timers.any_authenticated_packet_sent(now)
+            out.append((bytes(msg), src))
+            peer.tx_bytes += RESPONSE_SIZE
+            self.stats["responses sent"] += 1
+            return
+
+        # MSG_RESPONSE
+        receiver = u32(data, RESP_RECEIVER)
+        owner = self._index.get(receiver)
+        if not isinstance(owner, Peer) or owner.handshake.local_index != receiver:
+            self.drops[Drop.UNKNOWN_INDEX] += 1
+            return
+        peer = owner
+        if not consume_response(identity, data, peer.handshake):
+            self.drops[Drop.BAD_RESPONSE] += 1
+            return
+        peer.endpoint = src
+        peer.rx_bytes += size
+        timers = peer.timers
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_received(now)
+        self._begin_session(peer, now)
+        self._handshake_complete(peer, now)
+        # Confirm the session at once: queued packets, or a keepalive if there are none.
+        self._send_keepalive(peer, now, out)
+
+    def _find_handshake(self, static: bytes):
+        peer = self.peers.get(static)
+        return peer.handshake if peer is not None else None
+
+    # ------------------------------------------------------------------ timers
+
+    def next_deadline(self) -> float | None:
+        """The earliest time tick() has work (None: nothing scheduled). A pending keepalive
+        request from configuration makes it 'now' (returned as -inf)."""
+        best: float | None = None
+        for peer in self.peers.values():
+            if peer.keepalive_requested:
+                return float("-inf")
+            d = peer.timers.next_deadline()
+            if d is not None and (best is None or d < best):
+                best = d
+        return best
+
+    def tick(self, now: float) -> list[Datagram]:
+        """Run every timer that is due at `now`; returns the datagrams to send."""
+        out: list[Datagram] = []
+        for peer in list(self.peers.values()):
+            timers = peer.timers
+            if peer.keepalive_requested:
+                peer.keepalive_requested = False
+                self._send_keepalive(peer, now, out)
+            for timer in timers.due(now):
+                if timer is Timer.RETRANSMIT_HANDSHAKE:
+                    if timers.handshake_attempts > MAX_TIMER_HANDSHAKES:
+                        # Give up: stop trying until new traffic asks for a session again.
+                        timers.deadlines.pop(Timer.SEND_KEEPALIVE, None)
+                        self.drops[Drop.GAVE_UP] += len(peer.staged)
+                        peer.staged.clear()
+                        timers.arm_zero_key_material_if_idle(now)
+                        self.stats["handshake attempts given up"] += 1
+                    else:
+                        timers.handshake_attempts += 1
+                        self._send_initiation(peer, now, out, is_retry=True)
+                elif timer is Timer.SEND_KEEPALIVE:
+                    self._send_keepalive(peer, now, out)
+                    if timers.need_another_keepalive:
+                        timers.need_another_keepalive = False
+                        timers.rearm_keepalive(now)
+                elif timer is Timer.NEW_HANDSHAKE:
+                    self._send_initiation(peer, now, out, is_retry=False)
+                elif timer is Timer.ZERO_KEY_MATERIAL:
+                    self._zero_peer(peer)
+                    self.drops[Drop.KEYS_ZEROED] += len(peer.staged)
+                    peer.staged.clear()
+                    self.stats["key material zeroed"] += 1
+                elif timer is Timer.PERSISTENT_KEEPALIVE:
+                    if timers.persistent_keepalive_interval > 0:
+                        self._send_keepalive(peer, now, out)
+        return out

@@ -1,0 +1,53 @@
+"""Sliding replay window for transport counters (RFC 6479, as in the kernel and wireguard-go).
+
+A ring of 128 64-bit words: the window accepts counters up to 8128 behind the highest seen. Call
+`check_and_update` only after the packet authenticated, so forged counters cannot move the window.
+"""
+
+from __future__ import annotations
+
+from .constants import REJECT_AFTER_MESSAGES
+
+_BLOCK_BITS_LOG = 6
+_BLOCK_BITS = 1 << _BLOCK_BITS_LOG  # 64
+RING_BLOCKS = 128
+_RING_MASK = RING_BLOCKS - 1
+WINDOW_SIZE = (RING_BLOCKS - 1) * _BLOCK_BITS  # 8128
+
+
+class ReplayFilter:
+    __slots__ = ("last", "_ring")
+
+    def __init__(self) -> None:
+        self.last = 0
+        self._ring = [0] * RING_BLOCKS
+
+    def reset(self) -> None:
+        self.last = 0
+        self._ring = [0] * RING_BLOCKS
+
+    def check_and_update(self, counter: int, limit: int = REJECT_AFTER_MESSAGES) -> bool:
+        """True if `counter` is new (and records it); False for a replay, a counter too old for
+        the window, or one at or past `limit`."""
+        if counter >= limit:
+            return False
+        ring = self._ring
+        block = counter >> _BLOCK_BITS_LOG
+        last = self.last
+        if counter > last:
+            current = last >> _BLOCK_BITS_LOG
+            diff = block - current
+            if diff > RING_BLOCKS:
+                diff = RING_BLOCKS
+            for i in range(current + 1, current + diff + 1):
+                ring[i & _RING_MASK] = 0
+            self.last = counter
+        elif last - counter > WINDOW_SIZE:
+            return False
+        idx = block & _RING_MASK
+        bit = 1 << (counter & (_BLOCK_BITS - 1))
+        old = ring[idx]
+        if old & bit:
+            return False
+        ring[idx] = old | bit
+        return True
