@@ -24,12 +24,15 @@ def encode(unix_seconds: int, nanoseconds: int) -> bytes:
     return _PACK.pack(_BASE + unix_seconds, nanoseconds)
 
 
+def whiten(nanoseconds: int) -> int:
+    return nanoseconds - nanoseconds % _WHITENER
+
+
 def stamp(wall_time: float) -> bytes:
     """The timestamp we put in an initiation at Unix time `wall_time` (whitened)."""
     seconds = int(wall_time // 1)
-    nanos = int((wall_time - seconds) * 1e9)
-    nanos = min(nanos, 999_999_999)
-    return encode(seconds, nanos - nanos % _WHITENER)
+    nanos = min(int((wall_time - seconds) * 1e9), 999_999_999)
+    return encode(seconds, whiten(nanos))
 
 
 def decode(data: bytes) -> tuple[int, int]:

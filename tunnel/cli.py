@@ -1,0 +1,107 @@
+"""`wgpy` command line. Key commands behave byte-for-byte like `wg genkey|pubkey|genpsk`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+
+from . import keys
+
+PROG = "wgpy"
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 1."""
+
+
+def _write_key(text: str, output: str | None, *, secret: bool) -> None:
+    line = text + "\n"
+    if output is None:
+        # Like wg genkey/genpsk: warn when the secret lands in a file others can read.
+        try:
+            st = os.fstat(sys.stdout.fileno())
+            if secret and stat.S_ISREG(st.st_mode) and st.st_mode & stat.S_IRWXO:
+                print("Warning: writing to world accessible file.\n"
+                      "Consider setting the umask to 077 and trying again.", file=sys.stderr)
+        except (OSError, ValueError):
+            pass
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        return
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise UsageError(f"{output}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)  # also tightens a file that existed with looser permissions
+        os.write(fd, line.encode("ascii"))
+    finally:
+        os.close(fd)
+
+
+def cmd_genkey(args: argparse.Namespace) -> int:
+    _write_key(keys.encode_base64_key(keys.generate_private_key()), args.output, secret=True)
+    return 0
+
+
+def cmd_genpsk(args: argparse.Namespace) -> int:
+    _write_key(keys.encode_base64_key(keys.generate_psk()), args.output, secret=True)
+    return 0
+
+
+def cmd_pubkey(args: argparse.Namespace) -> int:
+    data = sys.stdin.buffer.read(4096)
+    text = data.decode("ascii", errors="replace")
+    stripped = text.rstrip(" \t\n\r\v\f")
+    if len(stripped) > 44 and stripped[:44].strip() == stripped[:44]:
+        raise UsageError("Trailing characters found after key")
+    try:
+        private = keys.decode_base64_key(stripped)
+    except keys.KeyError_ as exc:
+        raise UsageError(str(exc)) from None
+    _write_key(keys.encode_base64_key(keys.public_key(private)), args.output, secret=False)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.__main__ import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Userspace WireGuard.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, func, helptext in (
+        ("genkey", cmd_genkey, "generate a new private key (base64) on stdout"),
+        ("genpsk", cmd_genpsk, "generate a new preshared key (base64) on stdout"),
+        ("pubkey", cmd_pubkey, "read a private key from stdin, print its public key"),
+    ):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("-o", "--output", metavar="FILE", help="write the key to FILE (created 0600)")
+        sp.set_defaults(func=func)
+    sp = sub.add_parser("bench", help="benchmarks (see `wgpy bench --help`)", add_help=False)
+    sp.add_argument("bench_args", nargs=argparse.REMAINDER)
+    sp.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
