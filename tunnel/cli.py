@@ -52,15 +52,16 @@ def cmd_genpsk(args: argparse.Namespace) -> int:
 
 
 def cmd_pubkey(args: argparse.Namespace) -> int:
-    data = sys.stdin.buffer.read(4096)
-    text = data.decode("ascii", errors="replace")
-    stripped = text.rstrip(" \t\n\r\v\f")
-    if len(stripped) > 44 and stripped[:44].strip() == stripped[:44]:
+    # The same steps as wg's pubkey: exactly 44 characters, then only whitespace, then decode.
+    data = sys.stdin.buffer.read(1 << 16)
+    if len(data) < 44:
+        raise UsageError("Key is not the correct length or format")
+    if data[44:].strip(b" \t\n\r\v\f"):
         raise UsageError("Trailing characters found after key")
     try:
-        private = keys.decode_base64_key(stripped)
-    except keys.KeyError_ as exc:
-        raise UsageError(str(exc)) from None
+        private = keys.decode_base64_key(data[:44].decode("ascii"))
+    except (UnicodeDecodeError, keys.KeyError_):
+        raise UsageError("Key is not the correct length or format") from None
     _write_key(keys.encode_base64_key(keys.public_key(private)), args.output, secret=False)
     return 0
 
