@@ -447,7 +447,12 @@ class Device:
 
         touched: dict[Peer, bool] = {}  # peer -> data (not only keepalives) received
         last_index = -1
-        last_kp: Keypair | None = None
+        kp: Keypair | None = None
+        decrypt = replay_check = None
+        kp_expired = True
+        drops = self.drops
+        nonce = _NONCE.pack
+        unpack_header = TRANSPORT_HEADER.unpack_from
         routes: dict[bytes, Peer | None] = {}
         to_tun = result.to_tun
         for data, src in datagrams:
@@ -462,36 +467,39 @@ class Device:
             if mtype != MSG_TRANSPORT:
                 self._handshake_message(mtype, data, src, now, under_load, result.to_net)
                 # A handshake may have replaced keypairs: forget the cached one.
-                last_index, last_kp = -1, None
+                last_index, kp = -1, None
                 continue
 
             # ---- transport data
             if n < TRANSPORT_MIN_SIZE:
-                self.drops[Drop.SHORT] += 1
+                drops[Drop.SHORT] += 1
                 continue
-            _, receiver, counter = TRANSPORT_HEADER.unpack_from(data, 0)
-            if receiver == last_index:
-                kp = last_kp
-            else:
+            _, receiver, counter = unpack_header(data, 0)
+            if receiver != last_index:
+                # Key selection once per run of datagrams under the same receiver index.
                 owner = self._index.get(receiver)
                 kp = owner if isinstance(owner, Keypair) else None
-                last_index, last_kp = receiver, kp
+                last_index = receiver
+                if kp is not None:
+                    decrypt = kp.recv.decrypt
+                    replay_check = kp.replay.check_and_update
+                    kp_expired = not kp.can_receive(now)
             if kp is None:
-                self.drops[Drop.UNKNOWN_INDEX] += 1
+                drops[Drop.UNKNOWN_INDEX] += 1
                 continue
-            if not kp.can_receive(now):
-                self.drops[Drop.EXPIRED_KEYPAIR] += 1
+            if kp_expired:
+                drops[Drop.EXPIRED_KEYPAIR] += 1
                 continue
             if counter >= REJECT_AFTER_MESSAGES:
-                self.drops[Drop.REPLAY] += 1
+                drops[Drop.REPLAY] += 1
                 continue
             try:
-                plaintext = kp.recv.decrypt(_NONCE.pack(counter), data[16:], None)
+                plaintext = decrypt(nonce(counter), memoryview(data)[16:], None)
             except crypto.InvalidTag:
-                self.drops[Drop.DECRYPT] += 1
+                drops[Drop.DECRYPT] += 1
                 continue
-            if not kp.replay.check_and_update(counter):
-                self.drops[Drop.REPLAY] += 1
+            if not replay_check(counter):
+                drops[Drop.REPLAY] += 1
                 continue
 
             # Authenticated from here on.

@@ -13,6 +13,7 @@ _BLOCK_BITS = 1 << _BLOCK_BITS_LOG  # 64
 RING_BLOCKS = 128
 _RING_MASK = RING_BLOCKS - 1
 WINDOW_SIZE = (RING_BLOCKS - 1) * _BLOCK_BITS  # 8128
+_EMPTY_RING = (0,) * RING_BLOCKS
 
 
 class ReplayFilter:
@@ -24,7 +25,7 @@ class ReplayFilter:
 
     def reset(self) -> None:
         self.last = 0
-        self._ring = [0] * RING_BLOCKS
+        self._ring[:] = _EMPTY_RING
 
     def check_and_update(self, counter: int, limit: int = REJECT_AFTER_MESSAGES) -> bool:
         """True if `counter` is new (and records it); False for a replay, a counter too old for
@@ -36,11 +37,13 @@ class ReplayFilter:
         last = self.last
         if counter > last:
             current = last >> _BLOCK_BITS_LOG
-            diff = block - current
-            if diff > RING_BLOCKS:
-                diff = RING_BLOCKS
-            for i in range(current + 1, current + diff + 1):
-                ring[i & _RING_MASK] = 0
+            if block != current:
+                # The window slides: blocks it enters are cleared (all of them after a big jump).
+                if block - current >= RING_BLOCKS:
+                    ring[:] = _EMPTY_RING
+                else:
+                    for i in range(current + 1, block + 1):
+                        ring[i & _RING_MASK] = 0
             self.last = counter
         elif last - counter > WINDOW_SIZE:
             return False

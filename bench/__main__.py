@@ -1,0 +1,52 @@
+"""`python -m bench core` (also `wgpy bench core`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import core
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or any(not 28 <= s <= 65535 for s in sizes):
+        raise argparse.ArgumentTypeError("each size must be 28..65535 bytes")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="wgpy bench", description="wgpy benchmarks")
+    sub = p.add_subparsers(dest="what", metavar="BENCHMARK")
+    sub.required = True
+    c = sub.add_parser("core", help="seal/open through the protocol core vs raw AEAD")
+    c.add_argument("--sizes", type=_sizes, default=[64, 512, 1420], help="inner packet sizes (default 64,512,1420)")
+    c.add_argument("--packets", type=_positive, default=50_000, help="packets per size and run (default 50000)")
+    c.add_argument("--batch", type=_positive, default=128, help="packets per batch (default 128)")
+    c.add_argument("--repeat", type=_positive, default=3, help="runs; the best is reported (default 3)")
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    results = core.run(args.sizes, args.packets, args.batch, args.repeat)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        print(core.format_table(results, args.packets, args.batch, args.repeat))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
