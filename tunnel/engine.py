@@ -295,7 +295,7 @@ class Engine:
                         await conn.send(f"errno=-{exc.errno}\n\n".encode())
                         return
                     for request in requests:
-                        reply = uapi.handle(request, self.device, self)
+                        reply = uapi.handle(request, self.device, self, on_error=self._uapi_refused)
                         if request[0] == "set":
                             self.wake_timers()
                         await conn.send(reply.encode())
@@ -303,6 +303,10 @@ class Engine:
             return  # the client went away mid-reply
         finally:
             self._uapi_clients -= 1
+
+    def _uapi_refused(self, exc: uapi.UapiError) -> None:
+        # The message names the line and the problem, never a key's value.
+        log.info("%s: UAPI: request refused (errno %d): %s", self.ifname, exc.errno, exc.message)
 
     # ------------------------------------------------------------ watchers
 

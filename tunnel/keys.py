@@ -5,8 +5,11 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 
 from .noise.crypto import KEY_LEN, clamp, public_key
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 __all__ = ["KeyError_", "decode_base64_key", "encode_base64_key", "generate_private_key", "generate_psk", "public_key"]
 
@@ -34,12 +37,9 @@ def decode_base64_key(text: str) -> bytes:
 
 def decode_hex_key(text: str) -> bytes:
     """Decode a 64-character hex key as the UAPI sends it."""
-    if len(text) != 64:
+    if len(text) != 64 or not _HEX64.fullmatch(text):
         raise KeyError_("key is not 64 hex characters")
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise KeyError_("key is not valid hex") from None
+    return bytes.fromhex(text)
 
 
 def generate_private_key() -> bytes:
