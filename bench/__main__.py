@@ -39,7 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--batch", type=_positive, default=128, help="packets per batch (default 128)")
     c.add_argument("--repeat", type=_positive, default=3, help="runs; the best is reported (default 3)")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    t = sub.add_parser("tunnel", help="iperf3 TCP through wgpy and wireguard-go tunnels (root)")
+    t.add_argument("--seconds", type=_positive, default=5, help="iperf3 time per direction (default 5)")
+    t.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
+    if args.what == "tunnel":
+        from . import tunnel
+
+        pairs = [("veth", "veth"), ("wireguard-go", "wireguard-go"), ("wgpy", "wgpy"), ("wgpy", "wireguard-go")]
+        figures = tunnel.run(pairs, args.seconds)
+        if args.json:
+            print(json.dumps([f.__dict__ for f in figures], indent=2))
+        else:
+            print(tunnel.format_table(figures, args.seconds))
+        return 0
     results = core.run(args.sizes, args.packets, args.batch, args.repeat)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))

@@ -1,0 +1,164 @@
+"""`wgpy bench tunnel`: iperf3 TCP through a tunnel between two network namespaces, for each
+implementation pair, in one run. Needs root, wireguard-go, wg and iperf3.
+
+Each pair gets fresh namespaces joined by a veth (the raw link is measured too, as the ceiling),
+two interfaces configured with `wg setconf`, and iperf3 in both directions. Everything is removed
+afterwards, also on failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunnel.keys import encode_base64_key, generate_private_key, public_key
+
+WGPY_DAEMON = str(Path(sys.executable).with_name("wgpy-daemon"))
+IMPLS = {"wgpy": [WGPY_DAEMON, "-f"], "wireguard-go": ["wireguard-go", "-f"]}
+
+
+@dataclass
+class Figure:
+    pair: str
+    direction: str
+    mbps: float
+    retransmits: int
+
+
+def _run(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout)
+
+
+class Lab:
+    def __init__(self) -> None:
+        self.tag = secrets.token_hex(3)
+        self.ns = [f"wgpyb-{self.tag}-a", f"wgpyb-{self.tag}-b"]
+        self.procs: list[subprocess.Popen] = []
+        self.sockets: list[str] = []
+        self.tmp = tempfile.mkdtemp(prefix="wgpy-bench-")
+
+    def __enter__(self) -> "Lab":
+        a, b = self.ns
+        for n in self.ns:
+            _run("ip", "netns", "add", n)
+            _run("ip", "-n", n, "link", "set", "lo", "up")
+        _run("ip", "-n", a, "link", "add", "bva", "type", "veth", "peer", "name", "bvb", "netns", b)
+        _run("ip", "-n", a, "addr", "add", "10.231.0.1/24", "dev", "bva")
+        _run("ip", "-n", b, "addr", "add", "10.231.0.2/24", "dev", "bvb")
+        _run("ip", "-n", a, "link", "set", "bva", "up")
+        _run("ip", "-n", b, "link", "set", "bvb", "up")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(3)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for n in self.ns:
+            _run("ip", "netns", "del", n, check=False)
+        for s in self.sockets:
+            try:
+                os.unlink(s)
+            except OSError:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def exec(self, side: int, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns[side], *argv]
+
+    def start_interface(self, side: int, impl: str, ifname: str) -> None:
+        p = subprocess.Popen(self.exec(side, *IMPLS[impl], ifname), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "LOG_LEVEL": "error"})
+        self.procs.append(p)
+        sock = f"/var/run/wireguard/{ifname}.sock"
+        self.sockets.append(sock)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{impl} did not start for {ifname}")
+            time.sleep(0.02)
+
+    def iperf(self, server: int, client: int, addr: str, seconds: int, reverse: bool) -> tuple[float, int]:
+        srv = subprocess.Popen(self.exec(server, "iperf3", "-s", "-1", "-B", addr),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(srv)
+        deadline = time.monotonic() + 10
+        while ":5201 " not in _run(*self.exec(server, "ss", "-Hltn"), check=False).stdout:
+            if srv.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("iperf3 server did not start")
+            time.sleep(0.05)
+        argv = ["iperf3", "-c", addr, "-t", str(seconds), "-J"] + (["-R"] if reverse else [])
+        r = _run(*self.exec(client, *argv), check=False, timeout=seconds + 30)
+        if r.returncode != 0:
+            raise RuntimeError(f"iperf3 failed: {r.stdout[-500:]} {r.stderr[-500:]}")
+        try:
+            srv.wait(5)
+        except subprocess.TimeoutExpired:
+            srv.terminate()
+        end = json.loads(r.stdout)["end"]
+        mbps = end["sum_received"]["bits_per_second"] / 1e6
+        retr = end.get("sum_sent", {}).get("retransmits", 0)
+        return mbps, retr
+
+
+def measure_pair(left: str, right: str, seconds: int) -> list[Figure]:
+    figures = []
+    with Lab() as lab:
+        if left == "veth":
+            for reverse in (False, True):
+                mbps, retr = lab.iperf(1, 0, "10.231.0.2", seconds, reverse)
+                figures.append(Figure("veth (no tunnel)", "a<-b" if reverse else "a->b", mbps, retr))
+            return figures
+        ka, kb = generate_private_key(), generate_private_key()
+        names = [f"wgb{lab.tag}a", f"wgb{lab.tag}b"]
+        for side, impl, key, other, port, peer_ep in (
+            (0, left, ka, kb, 51820, "10.231.0.2:51821"),
+            (1, right, kb, ka, 51821, None),
+        ):
+            lab.start_interface(side, impl, names[side])
+            conf = os.path.join(lab.tmp, f"{names[side]}.conf")
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"[Interface]\nPrivateKey = {encode_base64_key(key)}\nListenPort = {port}\n"
+                        f"[Peer]\nPublicKey = {encode_base64_key(public_key(other))}\n"
+                        f"AllowedIPs = 10.232.0.{2 - side}/32\n" + (f"Endpoint = {peer_ep}\n" if peer_ep else ""))
+            _run(*lab.exec(side, "wg", "setconf", names[side], conf))
+            _run("ip", "-n", lab.ns[side], "addr", "add", f"10.232.0.{side + 1}/24", "dev", names[side])
+            _run("ip", "-n", lab.ns[side], "link", "set", names[side], "mtu", "1420", "up")
+        _run(*lab.exec(0, "ping", "-c", "1", "-W", "5", "10.232.0.2"))
+        for reverse in (False, True):
+            mbps, retr = lab.iperf(1, 0, "10.232.0.2", seconds, reverse)
+            figures.append(Figure(f"{left} <-> {right}", "a<-b" if reverse else "a->b", mbps, retr))
+    return figures
+
+
+def run(pairs: list[tuple[str, str]], seconds: int) -> list[Figure]:
+    missing = [t for t in ("ip", "wg", "iperf3", "wireguard-go") if shutil.which(t) is None]
+    if os.geteuid() != 0 or missing:
+        raise SystemExit(f"wgpy bench tunnel needs root and {', '.join(missing) or 'nothing else'}")
+    out: list[Figure] = []
+    for left, right in pairs:
+        out.extend(measure_pair(left, right, seconds))
+    return out
+
+
+def format_table(figures: list[Figure], seconds: int) -> str:
+    ref = {f.direction: f.mbps for f in figures if f.pair == "wireguard-go <-> wireguard-go"}
+    lines = [f"wgpy bench tunnel: iperf3 TCP, {seconds} s per direction, two namespaces over veth, MTU 1420",
+             f"{'pair':<32} {'dir':<5} {'Mbit/s':>9} {'retrans':>8} {'vs wireguard-go':>16}"]
+    for f in figures:
+        ratio = f"{f.mbps / ref[f.direction]:.2f}" if f.direction in ref else "-"
+        lines.append(f"{f.pair:<32} {f.direction:<5} {f.mbps:>9.1f} {f.retransmits:>8} {ratio:>16}")
+    return "\n".join(lines)
