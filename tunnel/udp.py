@@ -12,7 +12,12 @@ import ipaddress
 import socket
 
 SO_MARK = 36
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
 RECV_SIZE = 65535
+# Like wireguard-go: deep socket buffers absorb bursts while the single-threaded engine is busy
+# with a batch; the FORCE variants (root) pass net.core.rmem_max.
+SOCKET_BUFFER = 7 << 20
 
 Endpoint = tuple[str, int]
 
@@ -81,6 +86,11 @@ class UdpSockets:
             if exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
                 return None  # this host has no such family
             raise
+        for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+            try:
+                s.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
         try:
             if family == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
