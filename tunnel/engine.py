@@ -289,16 +289,19 @@ class Engine:
                     if not data:
                         return
                     try:
-                        requests = reader.feed(data)
+                        requests, error = reader.feed(data), None
                     except uapi.UapiError as exc:
-                        log.info("%s: UAPI: protocol error: %s", self.ifname, exc.message)
-                        await conn.send(f"errno=-{exc.errno}\n\n".encode())
-                        return
+                        # Answer what was complete before the violation, then the errno, then close.
+                        requests, error = exc.requests, exc
                     for request in requests:
                         reply = uapi.handle(request, self.device, self, on_error=self._uapi_refused)
                         if request[0] == "set":
                             self.wake_timers()
                         await conn.send(reply.encode())
+                    if error is not None:
+                        log.info("%s: UAPI: protocol error: %s", self.ifname, error.message)
+                        await conn.send(f"errno=-{error.errno}\n\n".encode())
+                        return
         except OSError:
             return  # the client went away mid-reply
         finally:
