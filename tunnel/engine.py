@@ -55,6 +55,7 @@ class Engine:
         self._nursery: trio.Nursery | None = None
         self._udp_scope: trio.CancelScope | None = None
         self._wake = trio.Event()
+        self._sleeping_until = float("inf")  # the deadline the timer task waits for
         self._uapi_sock: trio.socket.SocketType | None = None
         self._socket_ino: tuple[int, int] | None = None
         self._uapi_clients = 0
@@ -163,6 +164,7 @@ class Engine:
                 if not batch:
                     continue
                 result = device.inbound(batch, trio.current_time())
+                self._reschedule_timers()
                 for packet in result.to_tun:
                     try:
                         tun.write(packet)
@@ -208,11 +210,19 @@ class Engine:
                 return
             if batch:
                 out = device.outbound(batch, trio.current_time())
+                self._reschedule_timers()
                 if out:
                     await self._send(out)
 
     def wake_timers(self) -> None:
         self._wake.set()
+
+    def _reschedule_timers(self) -> None:
+        """After a batch: traffic arms timers (retries, keepalives, rekeys); wake the timer task
+        if one is now due earlier than what it sleeps for."""
+        deadline = self.device.next_deadline()
+        if deadline is not None and deadline < self._sleeping_until:
+            self._wake.set()
 
     async def _timers(self) -> None:
         device = self.device
@@ -220,8 +230,10 @@ class Engine:
             deadline = device.next_deadline()
             if deadline is None:
                 deadline = trio.current_time() + 3600
+            self._sleeping_until = deadline
             with trio.move_on_at(deadline):
                 await self._wake.wait()
+            self._sleeping_until = float("-inf")  # awake: no need to be woken
             self._wake = trio.Event()
             out = device.tick(trio.current_time())
             if out:
