@@ -66,6 +66,56 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from . import config, quick
+
+    try:
+        ifname = quick.up(args.target)
+    except config.ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    except quick.UpError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wgpy: {ifname} is up", file=sys.stderr)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from . import config, quick
+
+    try:
+        ifname = quick.down(args.target)
+    except config.ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    except quick.UpError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wgpy: {ifname} is down", file=sys.stderr)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    import time
+
+    from . import control, show
+
+    names = [args.ifname] if args.ifname else control.list_interfaces()
+    statuses = []
+    for name in names:
+        try:
+            statuses.append(control.get_status(name))
+        except control.ControlError as exc:
+            if args.ifname:
+                raise UsageError(str(exc)) from None
+            print(f"{PROG}: {exc}", file=sys.stderr)  # a dead socket: show the others
+    now = time.time()
+    if args.json:
+        print(show.as_json(statuses, now))
+    else:
+        print("\n\n".join(show.format_text(st, now) for st in statuses))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.__main__ import main as bench_main
 
@@ -84,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("-o", "--output", metavar="FILE", help="write the key to FILE (created 0600)")
         sp.set_defaults(func=func)
+    sp = sub.add_parser("up", help="bring up a tunnel from a wg-quick style config (CONFIG path or NAME)")
+    sp.add_argument("target", metavar="CONFIG|NAME", help="a config file, or NAME for /etc/wireguard/NAME.conf")
+    sp.set_defaults(func=cmd_up)
+    sp = sub.add_parser("down", help="take down a tunnel brought up by `wgpy up`, restoring the host")
+    sp.add_argument("target", metavar="CONFIG|NAME")
+    sp.set_defaults(func=cmd_down)
+    sp = sub.add_parser("show", help="show interfaces like `wg show`")
+    sp.add_argument("ifname", nargs="?", metavar="IFNAME")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=cmd_show)
     sp = sub.add_parser("bench", help="benchmarks (see `wgpy bench --help`)", add_help=False)
     sp.add_argument("bench_args", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_bench)

@@ -1,0 +1,237 @@
+"""`wgpy up` / `wgpy down`: what wg-quick does, with wgpy-daemon as the interface and every host
+change journaled (tunnel/netconfig.py) so `down` restores the host exactly.
+
+Order (as wg-quick): PreUp, daemon, keys and peers, addresses, MTU and link up, DNS, routes
+(policy routing for 0.0.0.0/0 and ::/0), PostUp. Any failure undoes what was done and exits 1.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import config as wgconfig
+from . import control, netconfig
+from .netconfig import Journal, NetError, run
+
+WGPY_DAEMON = str(Path(sys.executable).with_name("wgpy-daemon"))
+DEFAULT_TABLE = 51820
+
+
+class UpError(Exception):
+    pass
+
+
+def _hook(commands: list[str], ifname: str, what: str) -> None:
+    for command in commands:
+        cmd = command.replace("%i", ifname)
+        r = subprocess.run(["bash", "-c", cmd], timeout=120)
+        if r.returncode != 0:
+            raise UpError(f"{what} command exited {r.returncode}: {cmd}")
+
+
+def resolve_endpoints(cfg: wgconfig.Config) -> dict[int, tuple[str, int]]:
+    """Numeric endpoints for the daemon; a name that does not resolve is a FILE:LINE error."""
+    out: dict[int, tuple[str, int]] = {}
+    errors = []
+    for i, peer in enumerate(cfg.peers):
+        if peer.endpoint is None:
+            continue
+        host, port = peer.endpoint
+        try:
+            ipaddress.ip_address(host)
+            out[i] = (host, port)
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except socket.gaierror as exc:
+            errors.append((cfg.path, peer.line, f"Endpoint: cannot resolve {host!r}: {exc.strerror}"))
+            continue
+        # Prefer IPv4 like wg does when both exist.
+        infos.sort(key=lambda i: i[0] != socket.AF_INET)
+        out[i] = (infos[0][4][0], port)
+    if errors:
+        raise wgconfig.ConfigError(errors)
+    return out
+
+
+def _wait_for_socket(ifname: str, timeout: float = 10.0) -> None:
+    path = control.socket_path(ifname)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise UpError(f"{ifname}: the daemon made no control socket")
+        time.sleep(0.02)
+
+
+def compute_mtu(endpoints: dict[int, tuple[str, int]]) -> int:
+    """wg-quick's rule: the largest MTU on the routes to the endpoints (else the default route's,
+    else 1500), minus 80 for the IPv6 + UDP + WireGuard headers."""
+    best = 0
+    for host, _ in endpoints.values():
+        mtu = netconfig.route_mtu_towards(host)
+        if mtu and mtu > best:
+            best = mtu
+    if best == 0:
+        best = netconfig.route_mtu_towards(None) or 1500
+    return best - 80
+
+
+def _family(net) -> str:
+    return "-6" if net.version == 6 else "-4"
+
+
+def _add_default(journal: Journal, ifname: str, net, table: int, cfg: wgconfig.Config) -> None:
+    """wg-quick's full-tunnel routing: a separate table for everything, taken only by packets
+    without our fwmark, so the daemon's own (marked) UDP packets keep using the main table."""
+    fam = _family(net)
+    journal.cmd(["ip", fam, "rule", "add", "not", "fwmark", str(table), "table", str(table)],
+                ["ip", fam, "rule", "del", "not", "fwmark", str(table), "table", str(table)])
+    journal.cmd(["ip", fam, "rule", "add", "table", "main", "suppress_prefixlength", "0"],
+                ["ip", fam, "rule", "del", "table", "main", "suppress_prefixlength", "0"])
+    journal.cmd(["ip", fam, "route", "add", str(net), "dev", ifname, "table", str(table)], None)
+    if net.version == 4:
+        netconfig.set_sysctl(journal, "net.ipv4.conf.all.src_valid_mark", "1")
+    if run(["nft", "--version"], check=False).returncode == 0:
+        # Like wg-quick: drop packets for our tunnel addresses arriving on other interfaces, and
+        # carry the fwmark of our UDP flows through conntrack so replies pass rp_filter.
+        nft_fam = "ip6" if net.version == 6 else "ip"
+        tname = f"wgpy-{ifname}"
+        addrs = [a for a in cfg.interface.addresses if a.version == net.version]
+        rules = [f"add table {nft_fam} {tname}",
+                 f"add chain {nft_fam} {tname} preraw {{ type filter hook prerouting priority -300; }}",
+                 f"add chain {nft_fam} {tname} premangle {{ type filter hook prerouting priority -150; }}",
+                 f"add chain {nft_fam} {tname} postmangle {{ type filter hook postrouting priority -150; }}"]
+        for a in addrs:
+            rules.append(f"add rule {nft_fam} {tname} preraw iifname != \"{ifname}\" {nft_fam} daddr {a.ip} "
+                         f"fib saddr type != local drop")
+        rules.append(f"add rule {nft_fam} {tname} postmangle meta l4proto udp mark {table} ct mark set mark")
+        rules.append(f"add rule {nft_fam} {tname} premangle meta l4proto udp meta mark set ct mark")
+        journal.cmd(["nft", "-f", "-"], ["nft", "delete", "table", nft_fam, tname], input="\n".join(rules) + "\n")
+
+
+def up(target: str, *, out=print) -> str:
+    ifname, path = wgconfig.interface_name_for(target)
+    cfg, warnings = wgconfig.load_config(path)
+    for w in warnings:
+        out(w, file=sys.stderr)
+    if netconfig.link_exists(ifname) or os.path.exists(control.socket_path(ifname)):
+        raise UpError(f"`{ifname}' already exists")
+    endpoints = resolve_endpoints(cfg)
+    iface = cfg.interface
+
+    stale = Journal.load(ifname)
+    if stale is not None:  # left by a crash: the interface is gone, so undo what remains
+        stale.rollback()
+        stale.remove()
+    journal = Journal(ifname)
+    journal.meta = {"config": path, "pre_down": iface.pre_down, "post_down": iface.post_down,
+                    "save_config": iface.save_config}
+    journal.save()
+    try:
+        _hook(iface.pre_up, ifname, "PreUp")
+        out(f"[#] {WGPY_DAEMON} {ifname}", file=sys.stderr)
+        r = subprocess.run([WGPY_DAEMON, ifname], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise UpError(r.stderr.strip() or f"wgpy-daemon {ifname} failed")
+        journal.record({"cmd": ["ip", "link", "del", "dev", ifname], "may_fail": True})
+        _wait_for_socket(ifname)
+
+        lines = wgconfig.uapi_set_lines(cfg, endpoints)
+        control.set_config(ifname, lines)
+
+        for addr in iface.addresses:
+            fam = "-6" if addr.version == 6 else "-4"
+            journal.cmd(["ip", fam, "address", "add", str(addr), "dev", ifname],
+                        ["ip", fam, "address", "del", str(addr), "dev", ifname])
+            journal.undo[-1]["may_fail"] = True  # gone with the link already
+
+        mtu = iface.mtu if iface.mtu is not None else compute_mtu(endpoints)
+        out(f"[#] ip link set mtu {mtu} up dev {ifname}", file=sys.stderr)
+        journal.cmd(["ip", "link", "set", "mtu", str(mtu), "up", "dev", ifname], None)
+
+        if iface.dns_servers or iface.dns_search:
+            _set_dns(journal, ifname, iface)
+
+        if iface.table != "off":
+            nets = sorted({n for p in cfg.peers for n in p.allowed_ips},
+                          key=lambda n: (-n.prefixlen, n.version, int(n.network_address)))
+            fwmark = iface.fwmark
+            for net in nets:
+                fam = _family(net)
+                if iface.table != "auto":
+                    journal.cmd(["ip", fam, "route", "add", str(net), "dev", ifname, "table", iface.table], None)
+                elif net.prefixlen == 0:
+                    if not fwmark:
+                        fwmark = DEFAULT_TABLE
+                        while netconfig.table_in_use(fwmark):
+                            fwmark += 1
+                        control.set_config(ifname, [f"fwmark={fwmark}"])
+                    _add_default(journal, ifname, net, fwmark, cfg)
+                elif not netconfig.route_exists_on(ifname, str(net), fam):
+                    journal.cmd(["ip", fam, "route", "add", str(net), "dev", ifname], None)
+
+        _hook(iface.post_up, ifname, "PostUp")
+    except (UpError, NetError, control.ControlError, OSError, subprocess.TimeoutExpired) as exc:
+        problems = journal.rollback()
+        journal.remove()
+        _wait_daemon_gone(ifname)
+        msg = str(exc)
+        if problems:
+            msg += "\nwhile undoing: " + "; ".join(problems)
+        raise UpError(msg) from None
+    return ifname
+
+
+def _set_dns(journal: Journal, ifname: str, iface) -> None:
+    lines = [f"nameserver {s}" for s in iface.dns_servers]
+    if iface.dns_search:
+        lines.append("search " + " ".join(iface.dns_search))
+    text = "".join(line + "\n" for line in lines)
+    if run(["sh", "-c", "command -v resolvconf"], check=False).returncode == 0:
+        journal.cmd(["resolvconf", "-a", f"tun.{ifname}", "-m", "0", "-x"],
+                    ["resolvconf", "-d", f"tun.{ifname}", "-f"], input=text)
+    else:
+        header = f"# written by wgpy up {ifname}; restored by wgpy down {ifname}\n"
+        netconfig.replace_file(journal, netconfig.RESOLV_CONF, header + text)
+
+
+def _wait_daemon_gone(ifname: str, timeout: float = 5.0) -> None:
+    path = control.socket_path(ifname)
+    deadline = time.monotonic() + timeout
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def down(target: str, *, out=print) -> str:
+    ifname, _ = wgconfig.interface_name_for(target)
+    journal = Journal.load(ifname)
+    if journal is None:
+        if netconfig.link_exists(ifname):
+            run(["ip", "link", "del", "dev", ifname])
+            _wait_daemon_gone(ifname)
+            out(f"wgpy: `{ifname}' was not brought up by wgpy up: removed the interface only", file=sys.stderr)
+            return ifname
+        raise UpError(f"`{ifname}' is not a WireGuard interface brought up by wgpy")
+    problems = []
+    try:
+        _hook(journal.meta.get("pre_down", []), ifname, "PreDown")
+    except UpError as exc:
+        problems.append(str(exc))
+    problems += journal.rollback()
+    journal.remove()
+    _wait_daemon_gone(ifname)
+    try:
+        _hook(journal.meta.get("post_down", []), ifname, "PostDown")
+    except UpError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise UpError("; ".join(problems))
+    return ifname
