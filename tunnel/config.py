@@ -20,11 +20,13 @@ As wg-quick and wg (checked against wireguard-tools v1.0.20210914 and its source
 - a DNS item that is all digits and dots, or contains `:`, is a server; anything else is a
   search domain (wg-quick's test);
 - AllowedIPs without `/bits` means the host (/32, /128); host bits are cleared (the kernel and
-  wireguard-go do it) with a warning, as newer `wg` prints;
+  wireguard-go do it) with a warning, as `wg` prints;
 - FwMark: `off` (any case), decimal, or hex with a lowercase `0x` prefix, up to 0xffffffff;
 - PersistentKeepalive: `off` (any case) or a decimal 0..65535 (leading zeros allowed);
 - SaveConfig: true or false in any case (wg-quick reads it with nocasematch on);
-- a peer needs a PublicKey; an empty value (`AllowedIPs =`) is an error (wg: "Line unrecognized").
+- a peer needs a PublicKey; an empty value (`AllowedIPs =`) is an error (wg: "Line unrecognized");
+- a key is 44 characters of base64 with one '=' and the unused low bits of its last character
+  zero (wg's key_from_base64; tunnel.keys.decode_base64_key does not check those bits).
 
 Stricter than wg / wg-quick, each for a clear error instead of a surprise later:
 - a key given twice in one section is an error, except the list keys above and the hooks
@@ -34,7 +36,7 @@ Stricter than wg / wg-quick, each for a clear error instead of a surprise later:
 - a key with whitespace inside (`Listen Port`) or a section header with whitespace inside the
   brackets (`[ Peer ]`) is refused: wg deletes all whitespace and accepts them, but wg-quick
   would pass `[ Interface ]`'s Address etc. to wg, which refuses them;
-- ports are numbers only (wg resolves service names from /etc/services, and wraps 65536 to 0);
+- ports are numbers only (wg also takes service names from /etc/services, and 65536);
   an Endpoint's port must be 1..65535;
 - Endpoint: an IPv6 address must be in brackets and brackets are only for IPv6 (wg also takes
   `fd00::1:51820` and `[1.2.3.4]:5`); a name must look like a DNS name, and a name whose last
@@ -51,7 +53,12 @@ Stricter than wg / wg-quick, each for a clear error instead of a surprise later:
   installed wg does.
 
 No error message contains a key (PrivateKey, PresharedKey, PublicKey) or a Bridge value (it may
-hold a password); unknown keys that could be key material are shown as their length only.
+hold a password); unknown keys that could be key material are shown as their length only, and a
+long base64 or hex run in any other value is redacted. The dataclass reprs hide them too.
+
+Warnings (returned by load_config): wg-quick's world-accessible file, an AllowedIP with host
+bits set (as wg), the same AllowedIP on two peers (WireGuard keeps it on the last one
+only), a peer with the interface's own public key (WireGuard ignores it).
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ import re
 import socket
 import stat
 from dataclasses import dataclass, field, fields
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 from .keys import KeyError_, decode_base64_key, encode_base64_key
 from .keys import public_key as derive_public_key
@@ -135,7 +142,8 @@ class InterfaceConfig:
     post_down: list[str] = field(default_factory=list)
     save_config: bool = False
 
-    __repr__ = lambda self: _safe_repr(self, ("private_key",))  # noqa: E731
+    def __repr__(self) -> str:
+        return _safe_repr(self, ("private_key",))
 
 
 @dataclass
@@ -148,7 +156,8 @@ class PeerConfig:
     bridge: str | None = None  # raw `Bridge = ...` value, validated elsewhere
     line: int = field(default=0, compare=False)  # line of the [Peer] header (not compared)
 
-    __repr__ = lambda self: _safe_repr(self, ("preshared_key", "bridge"))  # noqa: E731
+    def __repr__(self) -> str:
+        return _safe_repr(self, ("preshared_key", "bridge"))
 
 
 @dataclass
@@ -164,7 +173,8 @@ _SPACE = " \t\n\v\f\r"  # wg's char_is_space; also bash's [[:space:]] in the C l
 _DIGITS = re.compile(r"[0-9]+")
 _HEX = re.compile(r"0x[0-9a-fA-F]+")
 _SPLIT_LIST = re.compile(r"[,\s]+", re.ASCII)  # wg-quick: ${value//,/ } then word splitting
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_ .-]{0,31}")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_ .-]{0,23}")
+_KEYLIKE = re.compile(r"[A-Za-z0-9+/]{40,}=*")
 _LABEL = r"[A-Za-z0-9_-]{1,63}"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 _SEARCH_DOMAIN = re.compile(rf"~?(?:\.|{_LABEL}(?:\.{_LABEL})*\.?)")
@@ -173,7 +183,7 @@ _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 _V6_CHARS = re.compile(r"[0-9a-fA-F:.]+")
 _ZONE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _IFNAME = re.compile(r"[a-zA-Z0-9_=+.-]{1,15}")  # wg-quick
-_IFNAME_CONF = re.compile(r"(?:^|/)([a-zA-Z0-9_=+.-]{1,15})\.conf")  # wg-quick, anchored at end
+_IFNAME_CONF = re.compile(r"(?:^|/)([a-zA-Z0-9_=+.-]{1,15})\.conf\Z")  # wg-quick
 
 
 class _Bad(Exception):
@@ -181,7 +191,9 @@ class _Bad(Exception):
 
 
 def _show(value: str) -> str:
-    """A value that is not secret, for a message: repr, cut short."""
+    """A value that is not secret, for a message: repr, cut short. Anything that looks like a
+    key (a long base64 or hex run) is redacted anyway, in case one was put in the wrong place."""
+    value = _KEYLIKE.sub("<redacted>", value)
     return repr(value if len(value) <= 64 else value[:64] + "...")
 
 
@@ -442,11 +454,11 @@ class _Section:
         self.values: dict[str, list[object]] = {}  # canonical key -> parsed values in order
         self.lines: dict[str, int] = {}  # canonical key -> first line
 
-    def one(self, key: str, default: object = None) -> object:
+    def one(self, key: str, default: Any = None) -> Any:
         vals = self.values.get(key)
         return vals[0] if vals else default
 
-    def many(self, key: str) -> list:
+    def many(self, key: str) -> list[Any]:
         return self.values.get(key, [])
 
 
@@ -547,7 +559,7 @@ def _build(
     else:
         addresses = [a for group in interface.many("Address") for a in group]
         mtu = interface.one("MTU")
-        if mtu is not None and mtu < MIN_MTU_IPV6:  # type: ignore[operator]
+        if mtu is not None and mtu < MIN_MTU_IPV6:
             v6 = [a for a in addresses if a.version == 6]
             if v6:
                 err(
@@ -560,23 +572,24 @@ def _build(
         elif "PrivateKey" in interface.values:  # else a bad PrivateKey was already reported
             dns = interface.many("DNS")
             iface = InterfaceConfig(
-                private_key=interface.one("PrivateKey"),  # type: ignore[arg-type]
-                listen_port=interface.one("ListenPort"),  # type: ignore[arg-type]
-                fwmark=interface.one("FwMark"),  # type: ignore[arg-type]
+                private_key=interface.one("PrivateKey"),
+                listen_port=interface.one("ListenPort"),
+                fwmark=interface.one("FwMark"),
                 addresses=addresses,
                 dns_servers=[s for servers, _ in dns for s in servers],
                 dns_search=[d for _, search in dns for d in search],
-                mtu=mtu,  # type: ignore[arg-type]
-                table=interface.one("Table", "auto"),  # type: ignore[arg-type]
+                mtu=mtu,
+                table=interface.one("Table", "auto"),
                 pre_up=interface.many("PreUp"),
                 post_up=interface.many("PostUp"),
                 pre_down=interface.many("PreDown"),
                 post_down=interface.many("PostDown"),
-                save_config=interface.one("SaveConfig", False),  # type: ignore[arg-type]
+                save_config=interface.one("SaveConfig", False),
             )
 
     out: list[PeerConfig] = []
     first_line: dict[bytes, int] = {}
+    owner: dict[IPNetwork, int] = {}  # AllowedIP -> header line of the peer that has it
     own = derive_public_key(iface.private_key) if iface is not None else None
     for sec in peers:
         pk = sec.one("PublicKey")
@@ -588,17 +601,23 @@ def _build(
         if pk in first_line:
             err(pk_line, f"duplicate peer: the same PublicKey is on line {first_line[pk]}")
             continue
-        first_line[pk] = pk_line  # type: ignore[index]
+        first_line[pk] = pk_line
         if own is not None and pk == own:
             notes.append((pk_line, "this PublicKey is the interface's own; WireGuard ignores such a peer"))
+        allowed_ips = [n for group in sec.many("AllowedIPs") for n in group]
+        for net in dict.fromkeys(allowed_ips):
+            if net in owner:
+                notes.append((sec.line, f"AllowedIP {net} is also in the [Peer] on line {owner[net]}; "
+                                        "WireGuard gives it to the last peer only"))
+            owner[net] = sec.line
         out.append(
             PeerConfig(
-                public_key=pk,  # type: ignore[arg-type]
-                preshared_key=sec.one("PresharedKey"),  # type: ignore[arg-type]
-                allowed_ips=[n for group in sec.many("AllowedIPs") for n in group],
-                endpoint=sec.one("Endpoint"),  # type: ignore[arg-type]
-                persistent_keepalive=sec.one("PersistentKeepalive"),  # type: ignore[arg-type]
-                bridge=sec.one("Bridge"),  # type: ignore[arg-type]
+                public_key=pk,
+                preshared_key=sec.one("PresharedKey"),
+                allowed_ips=allowed_ips,
+                endpoint=sec.one("Endpoint"),
+                persistent_keepalive=sec.one("PersistentKeepalive"),
+                bridge=sec.one("Bridge"),
                 line=sec.line,
             )
         )
@@ -647,7 +666,7 @@ def interface_name_for(path_or_name: str) -> tuple[str, str]:
         name, path = path_or_name, f"{CONFIG_DIR}/{path_or_name}.conf"
     else:
         m = _IFNAME_CONF.search(path_or_name)
-        if m is None or m.end() != len(path_or_name):
+        if m is None:
             raise ConfigError([(path_or_name, 0, "The config file must be a valid interface name, followed by .conf")])
         name, path = m.group(1), path_or_name
     if name in (".", ".."):

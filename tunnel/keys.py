@@ -30,7 +30,8 @@ def decode_base64_key(text: str) -> bytes:
         key = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise KeyError_("Key is not the correct length or format") from None
-    if len(key) != KEY_LEN:
+    # wg refuses non-canonical encodings (unused low bits set in the last character).
+    if len(key) != KEY_LEN or base64.b64encode(key).decode("ascii") != text:
         raise KeyError_("Key is not the correct length or format")
     return key
 

@@ -48,7 +48,7 @@ def test_pubkey_matches_wg(source):
     b"", b"garbage\n", b"A" * 43 + b"=junk\n", b"A" * 44 + b"\n",
     b"!" * 43 + b"=\n", b"A" * 42 + b"==\n",
     b"  " + b"A" * 43 + b"=\n", b"A" * 43 + b"= extra\n", b"A" * 43 + b"=\n\n  \n",
-    b"A" * 43 + b"=",
+    b"A" * 43 + b"=", b"A" * 42 + b"B=\n",
 ])
 def test_pubkey_bad_and_edge_input_like_wg(stdin):
     ours = run(["pubkey"], stdin)

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tunnel import uapi
 from tunnel.config import (
@@ -501,6 +501,13 @@ def test_nonzero_host_part_warning(tmp_path):
     assert warnings[0].startswith("Warning: ") and ":5: AllowedIP has nonzero host part: 10.1.2.3/8" in warnings[0]
 
 
+def test_allowed_ip_on_two_peers_warning(tmp_path):
+    text = IFACE + P1 + "AllowedIPs = 10.0.0.0/8, 10.0.0.0/8\n" + f"[Peer]\nPublicKey = {K2}\nAllowedIPs = 10.0.0.0/8\n"
+    warnings = _warnings(text, tmp_path)
+    assert len(warnings) == 1
+    assert ":6: AllowedIP 10.0.0.0/8 is also in the [Peer] on line 3" in warnings[0]
+
+
 def test_own_public_key_warning(tmp_path):
     own = encode_base64_key(public_key(PRIV))
     warnings = _warnings(IFACE + f"[Peer]\nPublicKey = {own}\n", tmp_path)
@@ -583,6 +590,7 @@ def test_uapi_set_lines_needs_resolved_names():
     ("/etc/wireguard/fifteen-chars-1.conf", ("fifteen-chars-1", "/etc/wireguard/fifteen-chars-1.conf")),
     # wg-quick tries the interface-name rule first, so a bare "wg0.conf" is an interface name:
     ("wg0.conf", ("wg0.conf", "/etc/wireguard/wg0.conf.conf")),
+    ("/a/wg0.conf/b/wg1.conf", ("wg1", "/a/wg0.conf/b/wg1.conf")),
 ])
 def test_interface_name_for(arg, expected):
     assert interface_name_for(arg) == expected
@@ -640,7 +648,7 @@ def test_world_accessible_warning(tmp_path, file_mode, dir_mode, warned):
         cfg, warnings = load_config(str(f))
     finally:
         d.chmod(0o700)
-    assert cfg == parse(FULL)
+    assert cfg == parse_config(FULL, str(f))
     expected = [f"Warning: `{os.path.realpath(f)}' is world accessible"] if warned else []
     assert warnings == expected
 
@@ -841,7 +849,7 @@ _ORACLE_IFACE = "wgpycfgtest0"
 # differ it is one of the documented stricter choices in tunnel/config.py.
 WG_CASES = [
     ("ListenPort = 51820\n", True, True),
-    ("ListenPort = 65536\n", False, True),  # wg: getaddrinfo wraps it to port 0
+    ("ListenPort = 65536\n", False, True),  # wg: getaddrinfo takes it
     ("ListenPort = domain\n", False, True),  # wg: a service name from /etc/services
     ("ListenPort = 1\nListenPort = 2\n", False, True),  # wg: the last wins
     ("[Interface]\nListenPort = 2\n", False, True),  # wg: a second section is merged
