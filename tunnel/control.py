@@ -87,6 +87,12 @@ def _b64(hex_key: str) -> str:
     return base64.b64encode(bytes.fromhex(hex_key)).decode()
 
 
+def get_lines(ifname: str, socket_dir: str = SOCKET_DIR) -> list[tuple[str, str]]:
+    """The raw `get` reply as (key, value) pairs (private and preshared keys in hex)."""
+    return [tuple(line.split("=", 1)) for line in _request(ifname, "get=1\n\n", socket_dir=socket_dir).split("\n")
+            if "=" in line]
+
+
 def get_status(ifname: str, socket_dir: str = SOCKET_DIR) -> InterfaceStatus:
     from .keys import public_key
 

@@ -203,6 +203,48 @@ def _set_dns(journal: Journal, ifname: str, iface) -> None:
         netconfig.replace_file(journal, netconfig.RESOLV_CONF, header + text)
 
 
+def save_config(ifname: str, path: str) -> None:
+    """SaveConfig = true: write the running interface back to its file before `down`, as
+    `wg-quick save` does: the file's own wg-quick settings, the interface's current addresses, and
+    the daemon's current keys, port, fwmark and peers (with the endpoints they roamed to)."""
+    original, _ = wgconfig.load_config(path)
+    iface = original.interface
+    pairs = control.get_lines(ifname)
+    fields = dict(p for p in pairs if p[0] in ("private_key", "listen_port", "fwmark"))
+    peers: list[wgconfig.PeerConfig] = []
+    bridges = {p.public_key: p.bridge for p in original.peers}
+    for key, value in pairs:
+        if key == "public_key":
+            pk = bytes.fromhex(value)
+            peers.append(wgconfig.PeerConfig(pk, bridge=bridges.get(pk)))
+        elif not peers:
+            continue
+        elif key == "preshared_key" and value.strip("0"):
+            peers[-1].preshared_key = bytes.fromhex(value)
+        elif key == "endpoint":
+            host, _, port = value.rpartition(":")
+            peers[-1].endpoint = (host.strip("[]"), int(port))
+        elif key == "allowed_ip":
+            peers[-1].allowed_ips.append(ipaddress.ip_network(value, strict=False))
+        elif key == "persistent_keepalive_interval" and int(value):
+            peers[-1].persistent_keepalive = int(value)
+    addrs = []
+    for line in run(["ip", "-o", "address", "show", "dev", ifname, "scope", "global"]).stdout.splitlines():
+        words = line.split()
+        if "inet" in words or "inet6" in words:
+            addrs.append(ipaddress.ip_interface(words[words.index("inet" if "inet" in words else "inet6") + 1]))
+    iface.private_key = bytes.fromhex(fields["private_key"])
+    iface.listen_port = int(fields.get("listen_port", 0)) or iface.listen_port
+    iface.fwmark = int(fields["fwmark"]) if "fwmark" in fields else iface.fwmark
+    iface.addresses = addrs
+    text = wgconfig.render_config(wgconfig.Config(path, iface, peers))
+    tmp = f"{path}.wgpy-save"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def _wait_daemon_gone(ifname: str, timeout: float = 5.0) -> None:
     path = control.socket_path(ifname)
     deadline = time.monotonic() + timeout
@@ -221,6 +263,11 @@ def down(target: str, *, out=print) -> str:
             return ifname
         raise UpError(f"`{ifname}' is not a WireGuard interface brought up by wgpy")
     problems = []
+    if journal.meta.get("save_config"):
+        try:
+            save_config(ifname, journal.meta["config"])
+        except (OSError, ValueError, control.ControlError, wgconfig.ConfigError) as exc:
+            problems.append(f"SaveConfig: {exc}")
     try:
         _hook(journal.meta.get("pre_down", []), ifname, "PreDown")
     except UpError as exc:

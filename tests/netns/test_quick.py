@@ -277,3 +277,41 @@ def test_make_demo_runs():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "0% packet loss" in r.stdout and "latest handshake" in r.stdout
     assert "wgpydemo" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_save_config_writes_running_state_back(netlab):
+    a, b = two_hosts(netlab)
+    peer = WgInterface(netlab, b, "wireguard-go").start()
+    ka = Keys()
+    ifname = unique_ifname("wgsv")
+    peer.setconf(listen_port=51821, peers=[PeerConf(ka.public_b64, ["10.217.0.1/32"], "10.210.0.1:51820")])
+    peer.address("10.217.0.2/24")
+    path = write_conf(netlab, ifname, f"""
+[Interface]
+PrivateKey = {ka.private_b64}
+ListenPort = 51820
+Address = 10.217.0.1/24
+PostUp = true
+SaveConfig = true
+
+[Peer]
+PublicKey = {peer.keys.public_b64}
+AllowedIPs = 10.217.0.2/32
+""")
+    wgpy(a, "up", path, check=True)
+    # while up: a new address, a new allowed ip, and the peer's endpoint learned from its handshake
+    a.ip("address", "add", "10.218.0.1/24", "dev", ifname)
+    a.run(["wg", "set", ifname, "peer", peer.keys.public_b64, "allowed-ips", "10.217.0.2/32,10.219.0.0/24"])
+    r = b.run(["ping", "-c", "1", "-W", "3", "10.217.0.1"], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wgpy(a, "down", path, check=True)
+    from tunnel.config import load_config
+
+    saved, _ = load_config(path)
+    assert [str(x) for x in saved.interface.addresses] == ["10.217.0.1/24", "10.218.0.1/24"]
+    assert saved.interface.post_up == ["true"] and saved.interface.save_config
+    assert saved.interface.private_key == ka.private and saved.interface.listen_port == 51820
+    (p,) = saved.peers
+    assert sorted(str(n) for n in p.allowed_ips) == ["10.217.0.2/32", "10.219.0.0/24"]
+    assert p.endpoint == ("10.210.0.2", 51821)
+    assert os.stat(path).st_mode & 0o777 == 0o600
