@@ -66,32 +66,26 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def _quick(action: str, args: argparse.Namespace) -> int:
     from . import config, quick
 
     try:
-        ifname = quick.up(args.target)
+        ifname = getattr(quick, action)(args.target)
     except config.ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+        print(str(exc), file=sys.stderr)  # already FILE:LINE: message, one per line
         return 1
     except quick.UpError as exc:
         raise UsageError(str(exc)) from None
-    print(f"wgpy: {ifname} is up", file=sys.stderr)
+    print(f"wgpy: {ifname} is {action}", file=sys.stderr)
     return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    return _quick("up", args)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from . import config, quick
-
-    try:
-        ifname = quick.down(args.target)
-    except config.ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    except quick.UpError as exc:
-        raise UsageError(str(exc)) from None
-    print(f"wgpy: {ifname} is down", file=sys.stderr)
-    return 0
+    return _quick("down", args)
 
 
 def cmd_show(args: argparse.Namespace) -> int:

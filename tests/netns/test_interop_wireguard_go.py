@@ -25,6 +25,7 @@ from typing import Callable
 
 import pytest
 
+from tests.helpers import checksum as inet_checksum
 from tunnel.noise import crypto
 from tunnel.noise.device import Device
 
@@ -45,15 +46,6 @@ STEP_TIMEOUT = 5.0  # seconds for any single exchange (handshake, one echo, one 
 
 
 # ---------------------------------------------------------------------- packets
-
-
-def inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def ipv4_packet(src: str, dst: str, proto: int, payload: bytes, ident: int = 0x1234) -> bytes:
