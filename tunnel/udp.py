@@ -40,6 +40,8 @@ class UdpSockets:
         self.port = 0
         self.fwmark = 0
         self._buf = bytearray(RECV_SIZE)
+        # IPv6 source -> normalized endpoint: parsing an address per datagram is costly in Python.
+        self._v6_endpoints: dict[tuple, Endpoint] = {}
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -118,6 +120,7 @@ class UdpSockets:
         view = memoryview(buf)
         recv = sock.recvfrom_into
         v6 = sock.family == socket.AF_INET6
+        cache = self._v6_endpoints
         for _ in range(limit):
             try:
                 n, addr = recv(buf)
@@ -126,7 +129,14 @@ class UdpSockets:
             except OSError:
                 # ICMP errors surface here (ECONNREFUSED...); they say nothing we act on.
                 continue
-            out.append((bytes(view[:n]), normalize_endpoint(addr) if v6 else addr))
+            if v6:
+                ep = cache.get(addr)
+                if ep is None:
+                    if len(cache) >= 4096:  # bounded: sources are attacker-chosen
+                        cache.clear()
+                    ep = cache[addr] = normalize_endpoint(addr)
+                addr = ep
+            out.append((bytes(view[:n]), addr))
         return out
 
     def socket_for(self, endpoint: Endpoint) -> socket.socket | None:
