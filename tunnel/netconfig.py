@@ -75,11 +75,13 @@ class Journal:
         self.undo.append(entry)
         self.save()
 
-    def cmd(self, argv: list[str], undo: list[str] | None, *, input: str | None = None) -> None:
-        """Run `argv`; on success record `undo` (run in reverse order by `rollback`)."""
+    def cmd(self, argv: list[str], undo: list[str] | None, *, input: str | None = None,
+            may_fail: bool = False) -> None:
+        """Run `argv`; on success record `undo` (run in reverse order by `rollback`). `may_fail`:
+        the undo may find its work already done (e.g. an address gone with its link)."""
         run(argv, input=input)
         if undo is not None:
-            self.record({"cmd": undo})
+            self.record({"cmd": undo, "may_fail": may_fail} if may_fail else {"cmd": undo})
 
     def rollback(self) -> list[str]:
         """Undo everything, newest first. Returns what could not be undone (never raises)."""

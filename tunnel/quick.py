@@ -150,8 +150,7 @@ def up(target: str, *, out=print) -> str:
         for addr in iface.addresses:
             fam = "-6" if addr.version == 6 else "-4"
             journal.cmd(["ip", fam, "address", "add", str(addr), "dev", ifname],
-                        ["ip", fam, "address", "del", str(addr), "dev", ifname])
-            journal.undo[-1]["may_fail"] = True  # gone with the link already
+                        ["ip", fam, "address", "del", str(addr), "dev", ifname], may_fail=True)
 
         mtu = iface.mtu if iface.mtu is not None else compute_mtu(endpoints)
         out(f"[#] ip link set mtu {mtu} up dev {ifname}", file=sys.stderr)

@@ -93,12 +93,6 @@ class AllowedIPs(Generic[T]):
             return None
         return table.get(int(network.network_address) >> (fam.bits - network.prefixlen))
 
-    def lookup_v4(self, addr: bytes) -> T | None:
-        return self._v4.lookup(int.from_bytes(addr, "big"))
-
-    def lookup_v6(self, addr: bytes) -> T | None:
-        return self._v6.lookup(int.from_bytes(addr, "big"))
-
     def lookup(self, addr: bytes) -> T | None:
         """Longest-prefix match of a packed 4- or 16-byte address."""
         if len(addr) == 4:

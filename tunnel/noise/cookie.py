@@ -91,7 +91,3 @@ class CookieGenerator:
         self._cookie = cookie
         self._cookie_time = now
         return True
-
-    @property
-    def has_cookie(self) -> bool:
-        return self._cookie is not None

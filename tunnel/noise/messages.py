@@ -7,15 +7,7 @@ from __future__ import annotations
 
 import struct
 
-from .constants import (
-    COOKIE_REPLY_SIZE,
-    INITIATION_SIZE,
-    MSG_COOKIE_REPLY,
-    MSG_INITIATION,
-    MSG_RESPONSE,
-    MSG_TRANSPORT,
-    RESPONSE_SIZE,
-)
+from .constants import MSG_COOKIE_REPLY, MSG_INITIATION, MSG_RESPONSE
 
 # Initiation: type u32 | sender u32 | ephemeral 32 | static 32+16 | timestamp 12+16 | mac1 | mac2
 INIT_SENDER = slice(4, 8)
@@ -41,24 +33,6 @@ HEADER_RESPONSE = struct.pack("<I", MSG_RESPONSE)
 HEADER_COOKIE = struct.pack("<I", MSG_COOKIE_REPLY)
 TRANSPORT_HEADER = struct.Struct("<IIQ")  # type, receiver, counter
 U32 = struct.Struct("<I")
-
-EXPECTED_SIZE = {
-    MSG_INITIATION: INITIATION_SIZE,
-    MSG_RESPONSE: RESPONSE_SIZE,
-    MSG_COOKIE_REPLY: COOKIE_REPLY_SIZE,
-}
-
-
-def message_type_untrusted(data: bytes) -> int | None:
-    """The message type of a datagram off the wire, or None if its first word is not one of ours
-    (a type byte followed by three zero bytes)."""
-    if len(data) < 4:
-        return None
-    (word,) = U32.unpack_from(data, 0)
-    if MSG_INITIATION <= word <= MSG_TRANSPORT:
-        return word
-    return None
-
 
 def u32(data: bytes | bytearray | memoryview, sl: slice) -> int:
     return U32.unpack_from(data, sl.start)[0]
