@@ -110,6 +110,15 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bridge(args: argparse.Namespace) -> int:
+    rest = args.bridge_args
+    if not rest or rest[0] != "serve":
+        raise UsageError("usage: wgpy bridge serve --listen URI [--listen URI ...] [--allow HOST:PORT ...]")
+    from bridge.serve import main as serve_main
+
+    return serve_main(rest[1:])
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.__main__ import main as bench_main
 
@@ -138,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("ifname", nargs="?", metavar="IFNAME")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_show)
+    sp = sub.add_parser("bridge", help="bridge servers: `wgpy bridge serve --listen URI ...`", add_help=False)
+    sp.add_argument("bridge_args", nargs=argparse.REMAINDER)
+    sp.set_defaults(func=cmd_bridge)
     sp = sub.add_parser("bench", help="benchmarks (see `wgpy bench --help`)", add_help=False)
     sp.add_argument("bench_args", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_bench)

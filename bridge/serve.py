@@ -1,0 +1,716 @@
+"""`wgpy bridge serve`: the server side of bridge mode (what a relay runs in front of WireGuard).
+
+    wgpy bridge serve --listen URI [--listen URI ...] [--allow HOST:PORT ...] [-v]
+    python -m bridge.serve --listen URI ...
+
+Listeners:
+  ss://METHOD:PASSWORD@HOST:PORT        Shadowsocks (SIP002 base64 user info, or plain
+  ss://BASE64(METHOD:PASSWORD)@HOST:PORT  percent-encoded user info; parse_uri reads both).
+                                        Serves UDP (AEAD-2017 and 2022) and TCP on HOST:PORT.
+  udp2tcp://HOST:PORT                   Mullvad udp-over-tcp (bridge.udp2tcp.serve); every
+                                        connection is relayed to the FIRST --allow entry.
+
+--allow HOST:PORT (repeatable) is the complete list of targets clients may reach; HOST must be an
+IP address. Default: 127.0.0.1:51820 and [::1]:51820 (the local WireGuard port). This is never an
+open proxy: any other target, and any domain-name target, is refused.
+
+Behaviour towards clients (anti-probing): a UDP packet that fails authentication, replays a salt
+(or a 2022 packet id), is malformed, or names a target not allowed is dropped silently, counted by
+reason and logged at debug level without secrets. A TCP stream that does so gets no reply: the
+server keeps reading (and discarding) until the client closes or PROBE_TIMEOUT passes, so a prober
+cannot learn how many bytes were consumed, then closes.
+
+UDP: one outbound UDP socket per (client session, target), connected to the target, closed after
+IDLE_TIMEOUT seconds without traffic; at most MAX_SESSIONS at once (a new one beyond is dropped).
+Replies are sealed with the target as source address and sent back to the client.
+
+SIGINT / SIGTERM stop the server; statistics are logged at exit. Exit status: 0 after a signal,
+2 for bad arguments, 1 when a listener cannot be opened.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import trio
+
+from . import udp2tcp
+from .shadowsocks import (
+    Address,
+    AuthenticationError,
+    Cipher,
+    ReplayError,
+    SaltFilter,
+    ShadowsocksError,
+    TcpDecryptor,
+    TcpEncryptor,
+    Udp2022Server,
+    parse_uri,
+)
+from .shadowsocks.errors import ProtocolError
+
+log = logging.getLogger("wgpy.bridge.serve")
+
+PROG = "wgpy bridge serve"
+DEFAULT_ALLOW: tuple[tuple[str, int], ...] = (("127.0.0.1", 51820), ("::1", 51820))
+IDLE_TIMEOUT = 60.0  # seconds without traffic before a UDP session / TCP relay is closed
+MAX_SESSIONS = 1024  # UDP sessions per listener
+MAX_TCP = 512  # TCP connections per listener
+PROBE_TIMEOUT = 30.0  # how long a failed TCP stream is read and discarded before closing
+HANDSHAKE_TIMEOUT = 30.0  # a TCP client must have sent its target address by then
+BATCH = 64  # datagrams / accepts per wakeup
+UDP_BUF = 65536
+TCP_READ = 65536
+SALT_FILTER_ENTRIES = 1 << 18
+
+
+class ArgumentError(Exception):
+    """A bad command-line argument (the message names it and never contains a secret)."""
+
+
+# ---------------------------------------------------------------- allow list
+
+
+def _norm_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class AllowList:
+    def __init__(self, entries: Sequence[tuple[str, int]]) -> None:
+        self.entries = [(str(h), int(p)) for h, p in entries]
+        self._set = {(_norm_ip(h), p) for h, p in self.entries}
+
+    def allows(self, target: tuple) -> bool:
+        ip = _norm_ip(str(target[0]))
+        return ip is not None and (ip, target[1]) in self._set
+
+    def __str__(self) -> str:
+        return ", ".join(udp2tcp.format_address(e) for e in self.entries)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@dataclass
+class Stats:
+    name: str
+    udp_in: int = 0  # authentic client datagrams forwarded to a target
+    udp_out: int = 0  # replies sealed and sent back to clients
+    sessions_opened: int = 0
+    sessions_idle: int = 0
+    tcp_accepted: int = 0
+    tcp_relayed: int = 0  # TCP streams that reached their target
+    tcp_bytes_up: int = 0
+    tcp_bytes_down: int = 0
+    drops: Counter = field(default_factory=Counter)
+
+    def drop(self, reason: str, detail: str = "") -> None:
+        self.drops[reason] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: dropped (%s)%s", self.name, reason, f" {detail}" if detail else "")
+
+    def summary(self) -> str:
+        parts = [f"udp in {self.udp_in}", f"udp out {self.udp_out}",
+                 f"sessions {self.sessions_opened} (idle-closed {self.sessions_idle})",
+                 f"tcp accepted {self.tcp_accepted}", f"tcp relayed {self.tcp_relayed}",
+                 f"tcp bytes up {self.tcp_bytes_up} down {self.tcp_bytes_down}"]
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(self.drops.items())) or "none"
+        return f"{self.name}: " + "; ".join(parts) + f"; dropped: {drops}"
+
+
+def _errname(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else type(exc).__name__
+
+
+def _fmt(addr: tuple) -> str:
+    return udp2tcp.format_address((str(addr[0]), addr[1]))
+
+
+# ---------------------------------------------------------------- sockets
+
+
+def _bind(host: str, port: int, type_: int) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=type_, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        if type_ == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+        if type_ == socket.SOCK_STREAM:
+            sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _target_sockaddr(target: tuple) -> tuple[int, tuple]:
+    ip = _norm_ip(str(target[0]))
+    assert ip is not None  # only allowed (IP) targets get here
+    if ip.version == 4:
+        return socket.AF_INET, (str(ip), target[1])
+    return socket.AF_INET6, (str(ip), target[1], 0, 0)
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = sock.send(view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        view = view[n:]
+
+
+# ---------------------------------------------------------------- Shadowsocks UDP
+
+
+class _UdpSession:
+    __slots__ = ("key", "client", "target", "sock", "scope", "session_id")
+
+    def __init__(self, key: tuple, client: tuple, target: Address, sock: socket.socket,
+                 session_id: bytes | None) -> None:
+        self.key = key
+        self.client = client
+        self.target = target
+        self.sock = sock
+        self.scope = trio.CancelScope(deadline=trio.current_time() + IDLE_TIMEOUT)
+        self.session_id = session_id
+
+    def touch(self) -> None:
+        self.scope.deadline = trio.current_time() + IDLE_TIMEOUT
+
+
+class ShadowsocksServer:
+    """UDP and TCP Shadowsocks on one host:port, relaying only to allowed targets."""
+
+    def __init__(self, cipher: Cipher, host: str, port: int, allow: AllowList, *,
+                 idle_timeout: float = IDLE_TIMEOUT, max_sessions: int = MAX_SESSIONS) -> None:
+        self.cipher = cipher
+        self.is_2022 = cipher.method.is_2022
+        self.host, self.port = host, port
+        self.allow = allow
+        self.idle_timeout = idle_timeout
+        self.max_sessions = max_sessions
+        self.name = f"ss {cipher.method.name} {_fmt((host, port))}"
+        self.stats = Stats(self.name)
+        self.udp_salts = SaltFilter(max_entries=SALT_FILTER_ENTRIES)
+        self.tcp_salts = SaltFilter(max_entries=SALT_FILTER_ENTRIES)
+        self.udp2022 = Udp2022Server(cipher, max_sessions=max_sessions) if self.is_2022 else None
+        self.sessions: dict[tuple, _UdpSession] = {}
+        self.tcp_active = 0
+        self.udp_sock: socket.socket | None = None
+        self.tcp_sock: socket.socket | None = None
+
+    def open(self) -> None:
+        self.udp_sock = _bind(self.host, self.port, socket.SOCK_DGRAM)
+        try:
+            self.tcp_sock = _bind(self.host, self.port, socket.SOCK_STREAM)
+        except BaseException:
+            self.udp_sock.close()
+            raise
+
+    def close(self) -> None:
+        for s in (self.udp_sock, self.tcp_sock):
+            if s is not None:
+                s.close()
+
+    async def run(self) -> None:
+        assert self.udp_sock is not None and self.tcp_sock is not None
+        log.info("%s: listening (UDP+TCP), allowed targets: %s", self.name, self.allow)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._udp_loop, nursery)
+                nursery.start_soon(self._tcp_accept_loop, nursery)
+        finally:
+            for s in list(self.sessions.values()):
+                s.sock.close()
+            self.sessions.clear()
+            self.close()
+
+    # ---- UDP, client -> target
+
+    async def _udp_loop(self, nursery: trio.Nursery) -> None:
+        sock = self.udp_sock
+        assert sock is not None
+        buf = bytearray(UDP_BUF)
+        view = memoryview(buf)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(BATCH):
+                try:
+                    n, client = sock.recvfrom_into(buf)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    self.stats.drop(f"receive {_errname(exc)}")
+                    continue
+                self._udp_packet(bytes(view[:n]), client, nursery)
+
+    def _udp_packet(self, packet: bytes, client: tuple, nursery: trio.Nursery) -> None:
+        stats = self.stats
+        session_id = None
+        try:
+            if self.udp2022 is not None:
+                opened = self.udp2022.open(packet, time.time())
+                session_id, target, payload = opened.session_id, opened.target, opened.payload
+            else:
+                target, payload = self.cipher.open_udp(packet, salt_filter=self.udp_salts,
+                                                       now=time.monotonic())
+        except ReplayError:
+            stats.drop("replay", f"from {_fmt(client)}")
+            return
+        except AuthenticationError:
+            stats.drop("authentication", f"from {_fmt(client)}")
+            return
+        except ProtocolError:
+            stats.drop("malformed", f"from {_fmt(client)}")
+            return
+        except ShadowsocksError:  # pragma: no cover - the codec raises ProtocolError only
+            stats.drop("malformed", f"from {_fmt(client)}")
+            return
+        if not self.allow.allows(target):
+            stats.drop("target not allowed", f"{_fmt(client)} -> {_fmt(target)}")
+            return
+        key = (session_id if session_id is not None else client, tuple(target))
+        session = self.sessions.get(key)
+        if session is None:
+            if len(self.sessions) >= self.max_sessions:
+                stats.drop("too many sessions", f"from {_fmt(client)}")
+                return
+            family, sockaddr = _target_sockaddr(target)
+            out = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            try:
+                out.connect(sockaddr)
+            except OSError as exc:
+                out.close()
+                stats.drop(f"connect {_errname(exc)}", _fmt(target))
+                return
+            session = _UdpSession(key, client, target, out, session_id)
+            session.scope.deadline = trio.current_time() + self.idle_timeout
+            self.sessions[key] = session
+            stats.sessions_opened += 1
+            log.debug("%s: session %s -> %s opened", self.name, _fmt(client), _fmt(target))
+            nursery.start_soon(self._udp_session, session)
+        else:
+            session.client = client  # 2022: a session follows its client's latest address
+            session.scope.deadline = trio.current_time() + self.idle_timeout
+        try:
+            session.sock.send(payload)
+            stats.udp_in += 1
+        except OSError as exc:  # EAGAIN, ECONNREFUSED (target not up), EMSGSIZE: count, go on
+            stats.drop(f"send {_errname(exc)}")
+
+    # ---- UDP, target -> client
+
+    async def _udp_session(self, session: _UdpSession) -> None:
+        sock = session.sock
+        listen = self.udp_sock
+        assert listen is not None
+        buf = bytearray(UDP_BUF)
+        view = memoryview(buf)
+        try:
+            with session.scope:
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    for _ in range(BATCH):
+                        try:
+                            n = sock.recv_into(buf)
+                        except BlockingIOError:
+                            break
+                        except OSError as exc:  # ECONNREFUSED from an earlier send
+                            self.stats.drop(f"target receive {_errname(exc)}")
+                            continue
+                        session.scope.deadline = trio.current_time() + self.idle_timeout
+                        payload = bytes(view[:n])
+                        try:
+                            if self.udp2022 is not None:
+                                reply = self.udp2022.seal(session.session_id, session.target,
+                                                          payload, time.time())
+                            else:
+                                reply = self.cipher.seal_udp(session.target, payload)
+                        except ShadowsocksError:  # e.g. the 2022 session expired meanwhile
+                            self.stats.drop("reply: session gone")
+                            continue
+                        try:
+                            listen.sendto(reply, session.client)
+                            self.stats.udp_out += 1
+                        except OSError as exc:
+                            self.stats.drop(f"reply send {_errname(exc)}")
+            if session.scope.cancelled_caught:
+                self.stats.sessions_idle += 1
+                log.debug("%s: session %s -> %s idle, closed", self.name, _fmt(session.client),
+                          _fmt(session.target))
+        finally:
+            if self.sessions.get(session.key) is session:
+                del self.sessions[session.key]
+            sock.close()
+
+    # ---- TCP
+
+    async def _tcp_accept_loop(self, nursery: trio.Nursery) -> None:
+        listener = self.tcp_sock
+        assert listener is not None
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(BATCH):
+                try:
+                    conn, peer = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    self.stats.drop(f"accept {_errname(exc)}")
+                    await trio.sleep(0.1)
+                    break
+                if self.tcp_active >= MAX_TCP:
+                    self.stats.drop("too many tcp connections")
+                    conn.close()
+                    continue
+                self.tcp_active += 1
+                self.stats.tcp_accepted += 1
+                nursery.start_soon(self._tcp_connection, conn, peer)
+
+    def _now(self) -> float:
+        return time.time()
+
+    async def _tcp_connection(self, conn: socket.socket, peer: tuple) -> None:
+        target_sock: socket.socket | None = None
+        try:
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            dec = TcpDecryptor(self.cipher, expect_target=True, salt_filter=self.tcp_salts)
+            pending: list[bytes] = []
+            reason = None
+            with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+                while dec.target is None and reason is None:
+                    await trio.lowlevel.wait_readable(conn)
+                    try:
+                        data = conn.recv(TCP_READ)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        return  # closed before a target: nothing to do
+                    try:
+                        pending += dec.feed(data, self._now())
+                    except ReplayError:
+                        reason = "replay"
+                    except AuthenticationError:
+                        reason = "authentication"
+                    except ShadowsocksError:
+                        reason = "malformed"
+            if handshake.cancelled_caught:
+                reason = "handshake timeout"
+            target = dec.target
+            if reason is None and target is not None and not self.allow.allows(target):
+                reason = "target not allowed"
+            if reason is not None:
+                self.stats.drop(f"tcp {reason}", f"from {_fmt(peer)}")
+                await self._drain(conn)
+                return
+            assert target is not None
+            family, sockaddr = _target_sockaddr(target)
+            target_sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                                        | socket.SOCK_CLOEXEC)
+            err = target_sock.connect_ex(sockaddr)
+            if err == errno.EINPROGRESS:
+                with trio.move_on_after(10):
+                    await trio.lowlevel.wait_writable(target_sock)
+                err = target_sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or (
+                    0 if _connected(target_sock) else errno.ETIMEDOUT)
+            if err:
+                self.stats.drop(f"tcp connect {errno.errorcode.get(err, err)}", _fmt(target))
+                return
+            target_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.stats.tcp_relayed += 1
+            log.debug("%s: tcp %s -> %s", self.name, _fmt(peer), _fmt(target))
+            if pending:
+                data = b"".join(pending)
+                await _send_all(target_sock, data)
+                self.stats.tcp_bytes_up += len(data)
+            enc = (TcpEncryptor(self.cipher, request_salt=dec.salt) if self.is_2022
+                   else TcpEncryptor(self.cipher))
+            idle = trio.CancelScope(deadline=trio.current_time() + self.idle_timeout)
+            with idle:
+                async with trio.open_nursery() as nursery:
+                    done = [0]
+                    nursery.start_soon(self._tcp_up, conn, target_sock, dec, idle, nursery, done)
+                    nursery.start_soon(self._tcp_down, target_sock, conn, enc, idle, nursery, done)
+        except OSError as exc:
+            log.debug("%s: tcp %s: %s", self.name, _fmt(peer), _errname(exc))
+        finally:
+            self.tcp_active -= 1
+            if target_sock is not None:
+                target_sock.close()
+            conn.close()
+
+    async def _drain(self, conn: socket.socket) -> None:
+        """Read and discard until the client closes or PROBE_TIMEOUT: reveal nothing."""
+        with trio.move_on_after(PROBE_TIMEOUT):
+            while True:
+                await trio.lowlevel.wait_readable(conn)
+                try:
+                    if not conn.recv(TCP_READ):
+                        return
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+
+    async def _tcp_up(self, conn: socket.socket, target: socket.socket, dec: TcpDecryptor,
+                      idle: trio.CancelScope, nursery: trio.Nursery, done: list[int]) -> None:
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(conn)
+                try:
+                    data = conn.recv(TCP_READ)
+                except BlockingIOError:
+                    continue
+                idle.deadline = trio.current_time() + self.idle_timeout
+                if not data:
+                    dec.feed_eof()
+                    target.shutdown(socket.SHUT_WR)
+                    break
+                pieces = dec.feed(data, self._now())
+                if pieces:
+                    out = b"".join(pieces)
+                    await _send_all(target, out)
+                    self.stats.tcp_bytes_up += len(out)
+        except ShadowsocksError:
+            self.stats.drop("tcp stream corrupt")
+            nursery.cancel_scope.cancel()
+            return
+        except OSError:
+            nursery.cancel_scope.cancel()
+            return
+        done[0] += 1
+        if done[0] == 2:
+            nursery.cancel_scope.cancel()
+
+    async def _tcp_down(self, target: socket.socket, conn: socket.socket, enc: TcpEncryptor,
+                        idle: trio.CancelScope, nursery: trio.Nursery, done: list[int]) -> None:
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(target)
+                try:
+                    data = target.recv(TCP_READ)
+                except BlockingIOError:
+                    continue
+                idle.deadline = trio.current_time() + self.idle_timeout
+                if not data:
+                    if not enc.started:
+                        await _send_all(conn, enc.encrypt(b"", self._now()))
+                    conn.shutdown(socket.SHUT_WR)
+                    break
+                await _send_all(conn, enc.encrypt(data, self._now()))
+                self.stats.tcp_bytes_down += len(data)
+        except OSError:
+            nursery.cancel_scope.cancel()
+            return
+        done[0] += 1
+        if done[0] == 2:
+            nursery.cancel_scope.cancel()
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- command line
+
+
+@dataclass
+class Options:
+    ss: list[tuple[Cipher, str, int]]
+    udp2tcp: list[tuple[str, int]]
+    allow: AllowList
+    verbose: bool = False
+
+
+USAGE = (f"usage: {PROG} --listen URI [--listen URI ...] [--allow HOST:PORT ...] [-v]\n"
+         "  URI: ss://METHOD:PASSWORD@HOST:PORT (or SIP002 base64) | udp2tcp://HOST:PORT\n"
+         "  --allow: targets clients may reach (IP:PORT); default 127.0.0.1:51820 and [::1]:51820\n"
+         "  udp2tcp listeners relay to the first --allow entry")
+
+
+def _scheme(uri: str) -> str:
+    head, sep, _ = uri.partition("://")
+    return head.lower() if sep else ""
+
+
+def _parse_hostport(text: str, what: str) -> tuple[str, int]:
+    try:
+        host, port = udp2tcp.parse_hostport(text)
+    except udp2tcp.UsageError:
+        raise ArgumentError(f"{what}: expected HOST:PORT (IPv6 as [ADDR]:PORT)") from None
+    if not 1 <= port <= 65535:
+        raise ArgumentError(f"{what}: port out of range 1..65535")
+    return host, port
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    listens: list[str] = []
+    allows: list[str] = []
+    verbose = False
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        name, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if name in ("-h", "--help"):
+            raise SystemExit(_help())
+        if name in ("-v", "--verbose") and not eq:
+            verbose = True
+        elif name in ("--listen", "--allow"):
+            if not eq:
+                if i >= len(args):
+                    raise ArgumentError(f"{name}: needs a value")
+                value = args[i]
+                i += 1
+            (listens if name == "--listen" else allows).append(value)
+        else:
+            shown = name if name.startswith("-") and "@" not in name and len(name) < 40 else None
+            raise ArgumentError(f"unknown argument {shown!r}" if shown
+                                else f"unexpected argument #{i} (not shown: it may hold a secret)")
+    if not listens:
+        raise ArgumentError("--listen: at least one listener is required")
+    allow_entries = []
+    for n, text in enumerate(allows, 1):
+        host, port = _parse_hostport(text, f"--allow {text!r}")
+        if _norm_ip(host) is None:
+            raise ArgumentError(f"--allow {text!r}: HOST must be an IP address")
+        allow_entries.append((host, port))
+    allow = AllowList(allow_entries or DEFAULT_ALLOW)
+    ss: list[tuple[Cipher, str, int]] = []
+    u2t: list[tuple[str, int]] = []
+    for n, uri in enumerate(listens, 1):
+        scheme = _scheme(uri)
+        what = f"--listen #{n} ({scheme or '?'}://)"
+        if scheme == "ss":
+            try:
+                config = parse_uri(uri)
+                if config.plugin:
+                    raise ArgumentError(f"{what}: plugins are not supported")
+                cipher = config.cipher()
+            except ShadowsocksError as exc:
+                raise ArgumentError(f"{what}: {_oneline(exc)}") from None
+            ss.append((cipher, config.host, config.port))
+        elif scheme == "udp2tcp":
+            rest = uri.partition("://")[2].rstrip("/")
+            if "@" in rest:
+                raise ArgumentError(f"{what}: udp2tcp takes no user info")
+            u2t.append(_parse_hostport(rest, what))
+        else:
+            raise ArgumentError(f"--listen #{n}: unknown scheme (use ss:// or udp2tcp://)")
+    return Options(ss, u2t, allow, verbose)
+
+
+def _oneline(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _help() -> int:
+    print(USAGE)
+    return 0
+
+
+async def _run(opts: Options, ready: list[str]) -> dict[str, Stats]:
+    servers = []
+    stats: dict[str, Stats] = {}
+    try:
+        for cipher, host, port in opts.ss:
+            s = ShadowsocksServer(cipher, host, port, opts.allow)
+            s.open()
+            servers.append(s)
+            stats[s.name] = s.stats
+    except OSError:
+        for s in servers:
+            s.close()
+        raise
+    u2t_servers: list = []
+    async with trio.open_nursery() as nursery:
+        async def stop_on_signal(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                task_status.started()
+                async for signum in signals:
+                    log.info("%s: %s, stopping", PROG, signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+        await nursery.start(stop_on_signal)
+        for s in servers:
+            nursery.start_soon(s.run)
+            ready.append(s.name)
+        for host, port in opts.udp2tcp:
+            forward = opts.allow.entries[0]
+            u = await nursery.start(
+                lambda task_status, h=host, p=port, f=forward: udp2tcp.serve(
+                    (h, p), opts.allow.entries, forward=f, task_status=task_status))
+            u2t_servers.append(u)
+            ready.append(f"udp2tcp {_fmt(u.local_address)} -> {_fmt(forward)}")
+        print(f"{PROG}: ready: " + "; ".join(ready), flush=True)
+    for u in u2t_servers:
+        st = u.statistics()
+        log.info("udp2tcp %s: accepted %d, to udp %d, to tcp %d, dropped %d %s",
+                 _fmt(u.local_address), st.accepted, st.to_udp, st.to_tcp, st.dropped,
+                 st.drop_reasons)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`wgpy bridge serve ARGS`: argv is the arguments after `serve`."""
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        opts = parse_args(argv)
+    except ArgumentError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.DEBUG if opts.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    ready: list[str] = []
+    stats: dict[str, Stats] = {}
+    try:
+        stats = trio.run(_run, opts, ready)
+    except KeyboardInterrupt:
+        pass
+    except (OSError, udp2tcp.Udp2TcpError, BaseExceptionGroup) as exc:
+        leaf = exc
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if isinstance(leaf, (OSError, udp2tcp.Udp2TcpError)):
+            print(f"{PROG}: cannot serve: {_oneline(leaf)}", file=sys.stderr)
+            return 1
+        raise
+    for st in stats.values():
+        log.info("%s", st.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
