@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -62,6 +63,85 @@ def resolve_endpoints(cfg: wgconfig.Config) -> dict[int, tuple[str, int]]:
     return out
 
 
+BRIDGE_LOG_DIR = "/var/log/wgpy"
+# IPv6 + UDP + WireGuard: what wg-quick subtracts from the path MTU.
+TUNNEL_OVERHEAD = 80
+
+
+def _parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def bridge_plan(cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]]) -> dict[int, dict]:
+    """For each peer with `Bridge =`: the carrier to run, the server it talks to and the bytes it
+    adds to every WireGuard datagram. Errors are FILE:LINE."""
+    plan: dict[int, dict] = {}
+    errors = []
+    for i, peer in enumerate(cfg.peers):
+        if not peer.bridge:
+            continue
+        scheme = peer.bridge.split("://", 1)[0].lower()
+        try:
+            if scheme == "udp2tcp":
+                server = _parse_hostport(peer.bridge.split("://", 1)[1].rstrip("/"))
+                # TCP carries the datagrams whole: no MTU cost. The server's target is fixed.
+                plan[i] = {"kind": "udp2tcp", "server": server, "overhead": 0, "uri": peer.bridge}
+            elif scheme == "ss":
+                if i not in endpoints:
+                    raise ValueError("a peer with Bridge = ss://... needs Endpoint: the WireGuard "
+                                     "endpoint as the bridge server sees it (e.g. 127.0.0.1:51820)")
+                from bridge.shadowsocks import parse_uri
+                from bridge.ss_local import overhead
+
+                server_cfg = parse_uri(peer.bridge)
+                plan[i] = {"kind": "ss", "server": (server_cfg.host, server_cfg.port),
+                           "overhead": overhead(peer.bridge, endpoints[i]), "uri": peer.bridge}
+            else:
+                raise ValueError("Bridge must be ss://... or udp2tcp://HOST:PORT")
+        except ValueError as exc:  # bridge.shadowsocks errors are ValueErrors; never echo the URI
+            errors.append((cfg.path, peer.line, f"Bridge: {exc}"))
+    if errors:
+        raise wgconfig.ConfigError(errors)
+    return plan
+
+
+def _start_carrier(journal: Journal, ifname: str, index: int, step: dict, target, fwmark: int) -> tuple[str, int]:
+    """Run a bridge carrier for one peer in the background; returns the local UDP address the
+    daemon must use as that peer's endpoint."""
+    if step["kind"] == "udp2tcp":
+        argv = [sys.executable, "-m", "bridge.udp2tcp", "client", "--listen", "127.0.0.1:0",
+                "--server", "{}:{}".format(*step["server"]) if ":" not in step["server"][0]
+                else "[{}]:{}".format(*step["server"])]
+    else:
+        argv = [sys.executable, "-m", "bridge.ss_local", "--listen", "127.0.0.1:0",
+                "--server-uri", step["uri"], "--target", "{}:{}".format(*target) if ":" not in target[0]
+                else "[{}]:{}".format(*target)]
+    if fwmark:
+        argv += ["--fwmark", str(fwmark)]
+    os.makedirs(BRIDGE_LOG_DIR, mode=0o700, exist_ok=True)
+    log_path = os.path.join(BRIDGE_LOG_DIR, f"{ifname}-bridge{index}.log")
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True)
+    finally:
+        os.close(fd)
+    journal.record({"cmd": ["kill", str(proc.pid)], "may_fail": True})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(log_path, errors="replace") as f:
+            text = f.read()
+        m = re.search(r"127\.0\.0\.1:(\d+)", text)
+        if m:
+            return ("127.0.0.1", int(m.group(1)))
+        if proc.poll() is not None:
+            raise UpError(f"bridge for peer {index + 1} failed: {text.strip()[-300:]}")
+        time.sleep(0.05)
+    raise UpError(f"bridge for peer {index + 1} did not start (see {log_path})")
+
+
 def _wait_for_socket(ifname: str, timeout: float = 10.0) -> None:
     path = control.socket_path(ifname)
     deadline = time.monotonic() + timeout
@@ -71,9 +151,9 @@ def _wait_for_socket(ifname: str, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def compute_mtu(endpoints: dict[int, tuple[str, int]]) -> int:
+def compute_mtu(endpoints: dict[int, tuple[str, int]], bridge_overhead: int = 0) -> int:
     """wg-quick's rule: the largest MTU on the routes to the endpoints (else the default route's,
-    else 1500), minus 80 for the IPv6 + UDP + WireGuard headers."""
+    else 1500), minus 80 for the IPv6 + UDP + WireGuard headers, minus what a bridge adds."""
     best = 0
     for host, _ in endpoints.values():
         mtu = netconfig.route_mtu_towards(host)
@@ -81,7 +161,7 @@ def compute_mtu(endpoints: dict[int, tuple[str, int]]) -> int:
             best = mtu
     if best == 0:
         best = netconfig.route_mtu_towards(None) or 1500
-    return best - 80
+    return best - TUNNEL_OVERHEAD - bridge_overhead
 
 
 def _family(net) -> str:
@@ -125,7 +205,23 @@ def up(target: str, *, out=print) -> str:
     if netconfig.link_exists(ifname) or os.path.exists(control.socket_path(ifname)):
         raise UpError(f"`{ifname}' already exists")
     endpoints = resolve_endpoints(cfg)
+    bridges = bridge_plan(cfg, endpoints)
     iface = cfg.interface
+    # Where the encrypted packets really go: the bridge servers for bridged peers.
+    underlay = {**endpoints, **{i: step["server"] for i, step in bridges.items()}}
+    overhead = max((step["overhead"] for step in bridges.values()), default=0)
+    if iface.mtu is not None and bridges:
+        path = max((netconfig.route_mtu_towards(h) or 1500 for h, _ in underlay.values()), default=1500)
+        if iface.mtu + TUNNEL_OVERHEAD + overhead > path:
+            raise UpError(f"MTU {iface.mtu} cannot fit: the path to the bridge carries {path} bytes and "
+                          f"WireGuard ({TUNNEL_OVERHEAD}) plus the bridge ({overhead}) need the rest; "
+                          f"use MTU = {path - TUNNEL_OVERHEAD - overhead} or less")
+    # Full tunnels mark the tunnel's own traffic; the bridge carriers need the mark from the start.
+    fwmark = iface.fwmark
+    if iface.table == "auto" and any(n.prefixlen == 0 for p in cfg.peers for n in p.allowed_ips) and not fwmark:
+        fwmark = DEFAULT_TABLE
+        while netconfig.table_in_use(fwmark):
+            fwmark += 1
 
     stale = Journal.load(ifname)
     if stale is not None:  # left by a crash: the interface is gone, so undo what remains
@@ -144,7 +240,10 @@ def up(target: str, *, out=print) -> str:
         journal.record({"cmd": ["ip", "link", "del", "dev", ifname], "may_fail": True})
         _wait_for_socket(ifname)
 
-        lines = wgconfig.uapi_set_lines(cfg, endpoints)
+        daemon_endpoints = dict(endpoints)
+        for i, step in bridges.items():
+            daemon_endpoints[i] = _start_carrier(journal, ifname, i, step, endpoints.get(i), fwmark or 0)
+        lines = wgconfig.uapi_set_lines(cfg, daemon_endpoints)
         control.set_config(ifname, lines)
 
         for addr in iface.addresses:
@@ -152,7 +251,7 @@ def up(target: str, *, out=print) -> str:
             journal.cmd(["ip", fam, "address", "add", str(addr), "dev", ifname],
                         ["ip", fam, "address", "del", str(addr), "dev", ifname], may_fail=True)
 
-        mtu = iface.mtu if iface.mtu is not None else compute_mtu(endpoints)
+        mtu = iface.mtu if iface.mtu is not None else compute_mtu(underlay, overhead)
         out(f"[#] ip link set mtu {mtu} up dev {ifname}", file=sys.stderr)
         journal.cmd(["ip", "link", "set", "mtu", str(mtu), "up", "dev", ifname], None)
 
@@ -162,17 +261,15 @@ def up(target: str, *, out=print) -> str:
         if iface.table != "off":
             nets = sorted({n for p in cfg.peers for n in p.allowed_ips},
                           key=lambda n: (-n.prefixlen, n.version, int(n.network_address)))
-            fwmark = iface.fwmark
+            fwmark_set = False
             for net in nets:
                 fam = _family(net)
                 if iface.table != "auto":
                     journal.cmd(["ip", fam, "route", "add", str(net), "dev", ifname, "table", iface.table], None)
                 elif net.prefixlen == 0:
-                    if not fwmark:
-                        fwmark = DEFAULT_TABLE
-                        while netconfig.table_in_use(fwmark):
-                            fwmark += 1
+                    if not fwmark_set and fwmark != iface.fwmark:
                         control.set_config(ifname, [f"fwmark={fwmark}"])
+                    fwmark_set = True
                     _add_default(journal, ifname, net, fwmark, cfg)
                 elif not netconfig.route_exists_on(ifname, str(net), fam):
                     journal.cmd(["ip", fam, "route", "add", str(net), "dev", ifname], None)

@@ -1,0 +1,162 @@
+"""`Bridge =` on a peer in `wgpy up`: the tunnel travels through a bridge carrier."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .netlab import missing_requirements, unique_ifname
+from .test_quick import snapshot, wgpy, write_conf
+from .wg_peers import Keys
+
+pytestmark = pytest.mark.netns
+WGPY = str(Path(sys.executable).with_name("wgpy"))
+
+
+@pytest.fixture(autouse=True)
+def _needs_tools():
+    reason = missing_requirements(("wg", "ping", "nft"), need_tun=True)
+    if reason:
+        pytest.skip(reason)
+
+
+def test_udp2tcp_bridge_through_a_firewall_that_drops_udp(netlab):
+    c, s = netlab.netns("cli"), netlab.netns("srv")
+    _, veth_s = netlab.veth(c, s, addrs_a=["10.220.0.2/24"], addrs_b=["10.220.0.1/24"])
+    # The censor: every UDP packet between client and server is dropped.
+    s.run(["nft", "-f", "-"], input=f"""table inet censor {{
+  chain in {{ type filter hook input priority 0; iifname "{veth_s}" meta l4proto udp counter drop; }}
+}}
+""")
+    # Prove the censor works: a plain UDP datagram from the client is counted and dropped.
+    c.run(["bash", "-c", "echo probe > /dev/udp/10.220.0.1/51820"], check=False)
+    assert "counter packets 1 " in s.run(["nft", "list", "table", "inet", "censor"]).stdout
+    kc, ks = Keys(), Keys()
+    c_if, s_if = unique_ifname("wgbc"), unique_ifname("wgbs")
+    s_path = write_conf(netlab, s_if, f"""[Interface]
+PrivateKey = {ks.private_b64}
+ListenPort = 51820
+Address = 10.221.0.1/24
+
+[Peer]
+PublicKey = {kc.public_b64}
+AllowedIPs = 10.221.0.2/32
+""")
+    c_path = write_conf(netlab, c_if, f"""[Interface]
+PrivateKey = {kc.private_b64}
+Address = 10.221.0.2/24
+
+[Peer]
+PublicKey = {ks.public_b64}
+AllowedIPs = 10.221.0.1/32
+Endpoint = 127.0.0.1:51820
+Bridge = udp2tcp://10.220.0.1:443
+""")
+    wgpy(s, "up", s_path, check=True)
+    s.popen([WGPY, "bridge", "serve", "--listen", "udp2tcp://0.0.0.0:443", "--allow", "127.0.0.1:51820"])
+    deadline = time.monotonic() + 10
+    while ":443 " not in s.run(["ss", "-Hltn"]).stdout:
+        assert time.monotonic() < deadline, "bridge server did not listen"
+        time.sleep(0.05)
+    before = snapshot(c)
+    wgpy(c, "up", c_path, check=True)
+    r = c.run(["ping", "-c", "3", "-i", "0.2", "-W", "3", "10.221.0.1"], check=False)
+    with open(f"/var/log/wgpy/{c_if}-bridge0.log") as f:
+        log = f.read()
+    assert r.returncode == 0, r.stdout + r.stderr + log
+    show = wgpy(c, "show", c_if, check=True).stdout
+    assert "endpoint: 127.0.0.1:" in show and "latest handshake" in show
+    wgpy(c, "down", c_path, check=True)
+    assert snapshot(c) == before
+    # the carrier and the daemon are gone with the tunnel
+    deadline = time.monotonic() + 5
+    while subprocess.run(["ip", "netns", "pids", c.name], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, "processes left in the client namespace after down"
+        time.sleep(0.05)
+    wgpy(s, "down", s_path, check=True)
+
+
+def test_bridge_mtu_that_cannot_fit_is_refused(netlab):
+    c = netlab.netns("mtu")
+    c_if = unique_ifname("wgbm")
+    path = write_conf(netlab, c_if, f"""[Interface]
+PrivateKey = {Keys().private_b64}
+Address = 10.222.0.2/24
+MTU = 1420
+
+[Peer]
+PublicKey = {Keys().public_b64}
+AllowedIPs = 10.222.0.1/32
+Endpoint = 127.0.0.1:51820
+Bridge = ss://aes-256-gcm:secretpass@10.223.0.1:8388
+""")
+    before = snapshot(c)
+    r = wgpy(c, "up", path)
+    assert r.returncode == 1 and "cannot fit" in r.stderr and "secretpass" not in r.stderr, r.stderr
+    assert snapshot(c) == before
+
+
+def test_bridge_errors_name_the_line(netlab):
+    c = netlab.netns("berr")
+    c_if = unique_ifname("wgbe")
+    path = write_conf(netlab, c_if, f"""[Interface]
+PrivateKey = {Keys().private_b64}
+
+[Peer]
+PublicKey = {Keys().public_b64}
+AllowedIPs = 10.222.0.1/32
+Bridge = carrier-pigeon://x
+""")
+    r = wgpy(c, "up", path)
+    assert r.returncode == 1 and f"{path}:4:" in r.stderr and "Bridge" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("method", ["chacha20-ietf-poly1305", "aes-256-gcm", "aes-128-gcm"])
+def test_ss_bridge_to_ss_server_and_wireguard_go(netlab, method):
+    """wgpy (Bridge = ss://) -> shadowsocks-libev ss-server -> wireguard-go on the relay's loopback."""
+    reason = missing_requirements(("ss-server", "iperf3", "wireguard-go"))
+    if reason:
+        pytest.skip(reason)
+    from .traffic import iperf3
+    from .wg_peers import PeerConf, WgInterface
+
+    c, s = netlab.netns("sscli"), netlab.netns("ssrel")
+    netlab.veth(c, s, addrs_a=["10.224.0.2/24"], addrs_b=["10.224.0.1/24"])
+    s.popen(["ss-server", "-s", "0.0.0.0", "-p", "8388", "-k", "bridge-pw", "-m", method, "-U"])
+    relay = WgInterface(netlab, s, "wireguard-go").start()
+    kc = Keys()
+    relay.setconf(listen_port=51820, peers=[PeerConf(kc.public_b64, ["10.225.0.2/32"])])
+    relay.address("10.225.0.1/24")
+    c_if = unique_ifname("wgss")
+    path = write_conf(netlab, c_if, f"""[Interface]
+PrivateKey = {kc.private_b64}
+Address = 10.225.0.2/24
+
+[Peer]
+PublicKey = {relay.keys.public_b64}
+AllowedIPs = 10.225.0.1/32
+Endpoint = 127.0.0.1:51820
+Bridge = ss://{method}:bridge-pw@10.224.0.1:8388
+""")
+    deadline = time.monotonic() + 5
+    while ":8388 " not in s.run(["ss", "-Hlun"]).stdout:
+        assert time.monotonic() < deadline, "ss-server did not start"
+        time.sleep(0.05)
+    before = snapshot(c)
+    wgpy(c, "up", path, check=True)
+    mtu = int(c.run(["cat", f"/sys/class/net/{c_if}/mtu"]).stdout)
+    overhead = {"aes-128-gcm": 39}.get(method, 55)
+    assert mtu == 1500 - 80 - overhead  # lowered by exactly the bridge's overhead
+    r = c.run(["ping", "-c", "3", "-i", "0.2", "-W", "3", "10.225.0.1"], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr + relay.log()
+    for reverse in (False, True):
+        mbps = iperf3(s, c, "10.225.0.1", reverse=reverse).bits_per_second / 1e6
+        print(f"\n[ss bridge {method}] iperf3 {'<-' if reverse else '->'}: {mbps:.1f} Mbit/s")
+        assert mbps > 5
+    wgpy(c, "down", path, check=True)
+    assert snapshot(c) == before
