@@ -160,3 +160,87 @@ Bridge = ss://{method}:bridge-pw@10.224.0.1:8388
         assert mbps > 5
     wgpy(c, "down", path, check=True)
     assert snapshot(c) == before
+
+
+def _wait_listening(ns, port: int, proto: str = "u") -> None:
+    deadline = time.monotonic() + 10
+    while f":{port} " not in ns.run(["ss", f"-Hl{proto}n"]).stdout:
+        assert time.monotonic() < deadline, f"nothing listening on {port}"
+        time.sleep(0.05)
+
+
+def test_wgpy_to_wgpy_over_shadowsocks_2022(netlab):
+    """wgpy up (Bridge = ss://2022-blake3-aes-256-gcm) -> wgpy bridge serve -> wgpy up."""
+    import base64
+    import urllib.parse
+
+    from .traffic import iperf3
+
+    c, s = netlab.netns("c22"), netlab.netns("s22")
+    netlab.veth(c, s, addrs_a=["10.226.0.2/24"], addrs_b=["10.226.0.1/24"])
+    psk = urllib.parse.quote(base64.b64encode(os.urandom(32)).decode(), safe="")
+    kc, ks = Keys(), Keys()
+    c_if, s_if = unique_ifname("wg22c"), unique_ifname("wg22s")
+    s_path = write_conf(netlab, s_if, f"""[Interface]
+PrivateKey = {ks.private_b64}
+ListenPort = 51820
+Address = 10.227.0.1/24
+
+[Peer]
+PublicKey = {kc.public_b64}
+AllowedIPs = 10.227.0.2/32
+""")
+    c_path = write_conf(netlab, c_if, f"""[Interface]
+PrivateKey = {kc.private_b64}
+Address = 10.227.0.2/24
+
+[Peer]
+PublicKey = {ks.public_b64}
+AllowedIPs = 10.227.0.1/32
+Endpoint = 127.0.0.1:51820
+Bridge = ss://2022-blake3-aes-256-gcm:{psk}@10.226.0.1:8388
+""")
+    wgpy(s, "up", s_path, check=True)
+    s.popen([WGPY, "bridge", "serve", "--listen", f"ss://2022-blake3-aes-256-gcm:{psk}@0.0.0.0:8388",
+             "--allow", "127.0.0.1:51820"])
+    _wait_listening(s, 8388)
+    wgpy(c, "up", c_path, check=True)
+    r = c.run(["ping", "-c", "3", "-i", "0.2", "-W", "3", "10.227.0.1"], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    mbps = iperf3(s, c, "10.227.0.1").bits_per_second / 1e6
+    print(f"\n[ss2022 bridge] iperf3 wgpy -> wgpy bridge serve -> wgpy: {mbps:.1f} Mbit/s")
+    assert mbps > 5
+    wgpy(c, "down", c_path, check=True)
+    wgpy(s, "down", s_path, check=True)
+
+
+def test_wireguard_go_and_ss_tunnel_to_wgpy_bridge_serve(netlab):
+    """wireguard-go + shadowsocks-libev ss-tunnel -> wgpy bridge serve -> wgpy-daemon."""
+    reason = missing_requirements(("ss-tunnel", "wireguard-go", "iperf3"))
+    if reason:
+        pytest.skip(reason)
+    from .traffic import iperf3
+    from .wg_peers import PeerConf, WgInterface
+
+    c, s = netlab.netns("goc"), netlab.netns("wgpys")
+    netlab.veth(c, s, addrs_a=["10.228.0.2/24"], addrs_b=["10.228.0.1/24"])
+    s.popen([WGPY, "bridge", "serve", "--listen", "ss://aes-256-gcm:relay-pw@0.0.0.0:8388",
+             "--allow", "127.0.0.1:51820"])
+    _wait_listening(s, 8388)
+    c.popen(["ss-tunnel", "-s", "10.228.0.1", "-p", "8388", "-k", "relay-pw", "-m", "aes-256-gcm",
+             "-b", "127.0.0.1", "-l", "51999", "-L", "127.0.0.1:51820", "-U"])
+    _wait_listening(c, 51999)
+    server = WgInterface(netlab, s, "wgpy").start()
+    client = WgInterface(netlab, c, "wireguard-go").start()
+    server.setconf(listen_port=51820, peers=[client.peer_conf(["10.229.0.2/32"])])
+    client.setconf(listen_port=51821, peers=[server.peer_conf(["10.229.0.1/32"], "127.0.0.1:51999")])
+    # libev sets DF: 1420 + 55 bytes of Shadowsocks would not fit a 1500-byte path
+    server.address("10.229.0.1/24", mtu=1365)
+    client.address("10.229.0.2/24", mtu=1365)
+    r = c.run(["ping", "-c", "3", "-i", "0.2", "-W", "3", "10.229.0.1"], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr + server.log() + client.log()
+    for reverse in (False, True):
+        mbps = iperf3(s, c, "10.229.0.1", reverse=reverse).bits_per_second / 1e6
+        print(f"\n[ss-tunnel -> wgpy bridge serve] iperf3 {'<-' if reverse else '->'}: {mbps:.1f} Mbit/s")
+        assert mbps > 5
+    assert server.dump()["peers"][client.keys.public_b64]["latest_handshake"] > 0
