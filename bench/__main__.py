@@ -41,17 +41,25 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     t = sub.add_parser("tunnel", help="iperf3 TCP through wgpy and wireguard-go tunnels (root)")
     t.add_argument("--seconds", type=_positive, default=5, help="iperf3 time per direction (default 5)")
+    t.add_argument("--bridge", action="store_true",
+                   help="instead: through Shadowsocks, wireguard-go+ss-tunnel+ss-server vs wgpy's own bridge")
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     if args.what == "tunnel":
         from . import tunnel
 
-        pairs = [("veth", "veth"), ("wireguard-go", "wireguard-go"), ("wgpy", "wgpy"), ("wgpy", "wireguard-go")]
+        if args.bridge:
+            pairs = [("wireguard-go", "wireguard-go", "libev"), ("wgpy", "wgpy", "wgpy"),
+                     ("wgpy", "wireguard-go", "libev")]
+            reference = "wireguard-go <-> wireguard-go via ss libev"
+        else:
+            pairs = [("veth", "veth"), ("wireguard-go", "wireguard-go"), ("wgpy", "wgpy"), ("wgpy", "wireguard-go")]
+            reference = "wireguard-go <-> wireguard-go"
         figures = tunnel.run(pairs, args.seconds)
         if args.json:
             print(json.dumps([f.__dict__ for f in figures], indent=2))
         else:
-            print(tunnel.format_table(figures, args.seconds))
+            print(tunnel.format_table(figures, args.seconds, reference))
         return 0
     results = core.run(args.sizes, args.packets, args.batch, args.repeat)
     if args.json:

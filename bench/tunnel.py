@@ -113,8 +113,38 @@ class Lab:
         return mbps, retr
 
 
-def measure_pair(left: str, right: str, seconds: int) -> list[Figure]:
+BRIDGE_METHOD = "aes-256-gcm"
+BRIDGE_PASSWORD = "bench-only-password"
+# 1500 - 80 (IPv6 + UDP + WireGuard) - 55 (Shadowsocks aes-256-gcm with an IPv4 target)
+BRIDGE_MTU = 1365
+
+
+def _start_bridge(lab: "Lab", bridge: str) -> str:
+    """A Shadowsocks bridge between the namespaces: returns the local endpoint side a's WireGuard
+    must use. "libev": ss-tunnel + ss-server; "wgpy": bridge.ss_local + wgpy bridge serve."""
+    wgpy = str(Path(sys.executable).with_name("wgpy"))
+    if bridge == "libev":
+        server = ["ss-server", "-s", "10.231.0.2", "-p", "8388", "-k", BRIDGE_PASSWORD, "-m", BRIDGE_METHOD, "-U"]
+        client = ["ss-tunnel", "-s", "10.231.0.2", "-p", "8388", "-k", BRIDGE_PASSWORD, "-m", BRIDGE_METHOD,
+                  "-b", "127.0.0.1", "-l", "51999", "-L", "127.0.0.1:51821", "-U"]
+    else:
+        uri = f"ss://{BRIDGE_METHOD}:{BRIDGE_PASSWORD}@"
+        server = [wgpy, "bridge", "serve", "--listen", uri + "10.231.0.2:8388", "--allow", "127.0.0.1:51821"]
+        client = [sys.executable, "-m", "bridge.ss_local", "--listen", "127.0.0.1:51999",
+                  "--server-uri", uri + "10.231.0.2:8388", "--target", "127.0.0.1:51821"]
+    for side, argv, port in ((1, server, 8388), (0, client, 51999)):
+        lab.procs.append(subprocess.Popen(lab.exec(side, *argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 10
+        while f":{port} " not in _run(*lab.exec(side, "ss", "-Hlun"), check=False).stdout:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bridge ({bridge}) did not start: {argv[0]}")
+            time.sleep(0.05)
+    return "127.0.0.1:51999"
+
+
+def measure_pair(left: str, right: str, seconds: int, bridge: str | None = None) -> list[Figure]:
     figures = []
+    label = f"{left} <-> {right}" + (f" via ss {bridge}" if bridge else "")
     with Lab() as lab:
         if left == "veth":
             for reverse in (False, True):
@@ -123,8 +153,10 @@ def measure_pair(left: str, right: str, seconds: int) -> list[Figure]:
             return figures
         ka, kb = generate_private_key(), generate_private_key()
         names = [f"wgb{lab.tag}a", f"wgb{lab.tag}b"]
+        endpoint = _start_bridge(lab, bridge) if bridge else "10.231.0.2:51821"
+        mtu = str(BRIDGE_MTU if bridge else 1420)
         for side, impl, key, other, port, peer_ep in (
-            (0, left, ka, kb, 51820, "10.231.0.2:51821"),
+            (0, left, ka, kb, 51820, endpoint),
             (1, right, kb, ka, 51821, None),
         ):
             lab.start_interface(side, impl, names[side])
@@ -136,29 +168,34 @@ def measure_pair(left: str, right: str, seconds: int) -> list[Figure]:
                         f"AllowedIPs = 10.232.0.{2 - side}/32\n" + (f"Endpoint = {peer_ep}\n" if peer_ep else ""))
             _run(*lab.exec(side, "wg", "setconf", names[side], conf))
             _run("ip", "-n", lab.ns[side], "addr", "add", f"10.232.0.{side + 1}/24", "dev", names[side])
-            _run("ip", "-n", lab.ns[side], "link", "set", names[side], "mtu", "1420", "up")
+            _run("ip", "-n", lab.ns[side], "link", "set", names[side], "mtu", mtu, "up")
         _run(*lab.exec(0, "ping", "-c", "1", "-W", "5", "10.232.0.2"))
         for reverse in (False, True):
             mbps, retr = lab.iperf(1, 0, "10.232.0.2", seconds, reverse)
-            figures.append(Figure(f"{left} <-> {right}", "a<-b" if reverse else "a->b", mbps, retr))
+            figures.append(Figure(label, "a<-b" if reverse else "a->b", mbps, retr))
     return figures
 
 
-def run(pairs: list[tuple[str, str]], seconds: int) -> list[Figure]:
-    missing = [t for t in ("ip", "wg", "iperf3", "wireguard-go") if shutil.which(t) is None]
+def run(pairs: list[tuple], seconds: int) -> list[Figure]:
+    """`pairs`: (left, right) or (left, right, bridge) with bridge "libev" or "wgpy"."""
+    tools = ["ip", "wg", "iperf3", "wireguard-go"]
+    if any(len(p) > 2 for p in pairs):
+        tools += ["ss-server", "ss-tunnel"]
+    missing = [t for t in tools if shutil.which(t) is None]
     if os.geteuid() != 0 or missing:
         raise SystemExit(f"wgpy bench tunnel needs root and {', '.join(missing) or 'nothing else'}")
     out: list[Figure] = []
-    for left, right in pairs:
-        out.extend(measure_pair(left, right, seconds))
+    for left, right, *bridge in pairs:
+        out.extend(measure_pair(left, right, seconds, bridge[0] if bridge else None))
     return out
 
 
-def format_table(figures: list[Figure], seconds: int) -> str:
-    ref = {f.direction: f.mbps for f in figures if f.pair == "wireguard-go <-> wireguard-go"}
-    lines = [f"wgpy bench tunnel: iperf3 TCP, {seconds} s per direction, two namespaces over veth, MTU 1420",
-             f"{'pair':<32} {'dir':<5} {'Mbit/s':>9} {'retrans':>8} {'vs wireguard-go':>16}"]
+def format_table(figures: list[Figure], seconds: int, reference: str = "wireguard-go <-> wireguard-go") -> str:
+    ref = {f.direction: f.mbps for f in figures if f.pair == reference}
+    lines = [f"wgpy bench tunnel: iperf3 TCP, {seconds} s per direction, two namespaces over veth "
+             f"(MTU 1420; {BRIDGE_MTU} through a Shadowsocks {BRIDGE_METHOD} bridge)",
+             f"{'pair':<44} {'dir':<5} {'Mbit/s':>9} {'retrans':>8} {'vs ' + reference:>10}"]
     for f in figures:
         ratio = f"{f.mbps / ref[f.direction]:.2f}" if f.direction in ref else "-"
-        lines.append(f"{f.pair:<32} {f.direction:<5} {f.mbps:>9.1f} {f.retransmits:>8} {ratio:>16}")
+        lines.append(f"{f.pair:<44} {f.direction:<5} {f.mbps:>9.1f} {f.retransmits:>8} {ratio:>10}")
     return "\n".join(lines)
