@@ -44,6 +44,7 @@ from typing import Sequence
 import trio
 
 from . import udp2tcp
+from .netio import errname, format_address, leaf_exception, send_all
 from .shadowsocks import (
     Address,
     AuthenticationError,
@@ -100,7 +101,7 @@ class AllowList:
         return ip is not None and (ip, target[1]) in self._set
 
     def __str__(self) -> str:
-        return ", ".join(udp2tcp.format_address(e) for e in self.entries)
+        return ", ".join(format_address(e) for e in self.entries)
 
 
 # ---------------------------------------------------------------- statistics
@@ -133,12 +134,8 @@ class Stats:
         return f"{self.name}: " + "; ".join(parts) + f"; dropped: {drops}"
 
 
-def _errname(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else type(exc).__name__
-
-
 def _fmt(addr: tuple) -> str:
-    return udp2tcp.format_address((str(addr[0]), addr[1]))
+    return format_address((str(addr[0]), addr[1]))
 
 
 # ---------------------------------------------------------------- sockets
@@ -168,17 +165,6 @@ def _target_sockaddr(target: tuple) -> tuple[int, tuple]:
     if ip.version == 4:
         return socket.AF_INET, (str(ip), target[1])
     return socket.AF_INET6, (str(ip), target[1], 0, 0)
-
-
-async def _send_all(sock: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = sock.send(view)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
-        view = view[n:]
 
 
 # ---------------------------------------------------------------- Shadowsocks UDP
@@ -262,7 +248,7 @@ class ShadowsocksServer:
                 except BlockingIOError:
                     break
                 except OSError as exc:
-                    self.stats.drop(f"receive {_errname(exc)}")
+                    self.stats.drop(f"receive {errname(exc)}")
                     continue
                 self._udp_packet(bytes(view[:n]), client, nursery)
 
@@ -303,7 +289,7 @@ class ShadowsocksServer:
                 out.connect(sockaddr)
             except OSError as exc:
                 out.close()
-                stats.drop(f"connect {_errname(exc)}", _fmt(target))
+                stats.drop(f"connect {errname(exc)}", _fmt(target))
                 return
             session = _UdpSession(key, client, target, out, session_id)
             session.scope.deadline = trio.current_time() + self.idle_timeout
@@ -318,7 +304,7 @@ class ShadowsocksServer:
             session.sock.send(payload)
             stats.udp_in += 1
         except OSError as exc:  # EAGAIN, ECONNREFUSED (target not up), EMSGSIZE: count, go on
-            stats.drop(f"send {_errname(exc)}")
+            stats.drop(f"send {errname(exc)}")
 
     # ---- UDP, target -> client
 
@@ -338,7 +324,7 @@ class ShadowsocksServer:
                         except BlockingIOError:
                             break
                         except OSError as exc:  # ECONNREFUSED from an earlier send
-                            self.stats.drop(f"target receive {_errname(exc)}")
+                            self.stats.drop(f"target receive {errname(exc)}")
                             continue
                         session.scope.deadline = trio.current_time() + self.idle_timeout
                         payload = bytes(view[:n])
@@ -355,7 +341,7 @@ class ShadowsocksServer:
                             listen.sendto(reply, session.client)
                             self.stats.udp_out += 1
                         except OSError as exc:
-                            self.stats.drop(f"reply send {_errname(exc)}")
+                            self.stats.drop(f"reply send {errname(exc)}")
             if session.scope.cancelled_caught:
                 self.stats.sessions_idle += 1
                 log.debug("%s: session %s -> %s idle, closed", self.name, _fmt(session.client),
@@ -378,7 +364,7 @@ class ShadowsocksServer:
                 except BlockingIOError:
                     break
                 except OSError as exc:
-                    self.stats.drop(f"accept {_errname(exc)}")
+                    self.stats.drop(f"accept {errname(exc)}")
                     await trio.sleep(0.1)
                     break
                 if self.tcp_active >= MAX_TCP:
@@ -444,7 +430,7 @@ class ShadowsocksServer:
             log.debug("%s: tcp %s -> %s", self.name, _fmt(peer), _fmt(target))
             if pending:
                 data = b"".join(pending)
-                await _send_all(target_sock, data)
+                await send_all(target_sock, data)
                 self.stats.tcp_bytes_up += len(data)
             enc = (TcpEncryptor(self.cipher, request_salt=dec.salt) if self.is_2022
                    else TcpEncryptor(self.cipher))
@@ -455,7 +441,7 @@ class ShadowsocksServer:
                     nursery.start_soon(self._tcp_up, conn, target_sock, dec, idle, nursery, done)
                     nursery.start_soon(self._tcp_down, target_sock, conn, enc, idle, nursery, done)
         except OSError as exc:
-            log.debug("%s: tcp %s: %s", self.name, _fmt(peer), _errname(exc))
+            log.debug("%s: tcp %s: %s", self.name, _fmt(peer), errname(exc))
         finally:
             self.tcp_active -= 1
             if target_sock is not None:
@@ -492,7 +478,7 @@ class ShadowsocksServer:
                 pieces = dec.feed(data, self._now())
                 if pieces:
                     out = b"".join(pieces)
-                    await _send_all(target, out)
+                    await send_all(target, out)
                     self.stats.tcp_bytes_up += len(out)
         except ShadowsocksError:
             self.stats.drop("tcp stream corrupt")
@@ -517,10 +503,10 @@ class ShadowsocksServer:
                 idle.deadline = trio.current_time() + self.idle_timeout
                 if not data:
                     if not enc.started:
-                        await _send_all(conn, enc.encrypt(b"", self._now()))
+                        await send_all(conn, enc.encrypt(b"", self._now()))
                     conn.shutdown(socket.SHUT_WR)
                     break
-                await _send_all(conn, enc.encrypt(data, self._now()))
+                await send_all(conn, enc.encrypt(data, self._now()))
                 self.stats.tcp_bytes_down += len(data)
         except OSError:
             nursery.cancel_scope.cancel()
@@ -700,9 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except (OSError, udp2tcp.Udp2TcpError, BaseExceptionGroup) as exc:
-        leaf = exc
-        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-            leaf = leaf.exceptions[0]
+        leaf = leaf_exception(exc)
         if isinstance(leaf, (OSError, udp2tcp.Udp2TcpError)):
             print(f"{PROG}: cannot serve: {_oneline(leaf)}", file=sys.stderr)
             return 1

@@ -44,7 +44,7 @@ import trio
 
 from .shadowsocks import Cipher, ShadowsocksError, Udp2022Client, parse_uri
 from .shadowsocks.errors import AuthenticationError, ReplayError
-from .udp2tcp import _Drops, _errname, _resolve, format_address, parse_hostport
+from .netio import Drops, errname, exit_code, format_address, resolve, split_hostport
 
 log = logging.getLogger("wgpy.ss_local")
 
@@ -120,7 +120,7 @@ class SsLocalForwarder:
         self._remote: socket.socket | None = None
         self._sent = 0
         self._received = 0
-        self._drops = _Drops()
+        self._drops = Drops()
 
     def __repr__(self) -> str:
         return (f"SsLocalForwarder({self.cipher.method.name}, server={format_address(self.server)}, "
@@ -148,8 +148,8 @@ class SsLocalForwarder:
     # ---- I/O
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        family, sockaddr = await _resolve(self.listen, socket.SOCK_DGRAM, passive=True)
-        rfamily, rsockaddr = await _resolve(self.server, socket.SOCK_DGRAM)
+        family, sockaddr = await resolve(self.listen, socket.SOCK_DGRAM, passive=True)
+        rfamily, rsockaddr = await resolve(self.server, socket.SOCK_DGRAM)
         local = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         remote: socket.socket | None = None
         try:
@@ -207,7 +207,7 @@ class SsLocalForwarder:
                     drops.add("server socket full")
                     continue
                 except OSError as exc:
-                    drops.add(f"udp send: {_errname(exc)}")
+                    drops.add(f"udp send: {errname(exc)}")
                     continue
                 self._sent += 1
 
@@ -224,7 +224,7 @@ class SsLocalForwarder:
                 except BlockingIOError:
                     break
                 except OSError as exc:  # ECONNREFUSED: the server port is closed right now
-                    drops.add(f"udp receive: {_errname(exc)}")
+                    drops.add(f"udp receive: {errname(exc)}")
                     continue
                 try:
                     payload = self.open(view[:n], now)
@@ -246,7 +246,7 @@ class SsLocalForwarder:
                     drops.add("local socket full")
                     continue
                 except OSError as exc:
-                    drops.add(f"local send: {_errname(exc)}")
+                    drops.add(f"local send: {errname(exc)}")
                     continue
                 self._received += 1
 
@@ -276,7 +276,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _hostport(text: str) -> Address:
     try:
-        return parse_hostport(text)
+        return split_hostport(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -312,12 +312,6 @@ async def _main_async(args: argparse.Namespace) -> None:
              stats.dropped, stats.drop_reasons or "")
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -327,14 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except (SsLocalError, OSError, BaseExceptionGroup) as exc:
-        leaf = _leaf(exc)
-        if isinstance(leaf, UsageError):
-            print(f"{PROG}: {leaf}", file=sys.stderr)
-            return 2
-        if isinstance(leaf, OSError):
-            print(f"{PROG}: {leaf}", file=sys.stderr)
-            return 1
-        raise
+        code = exit_code(PROG, exc, UsageError)
+        if code is None:
+            raise
+        return code
     return 0
 
 

@@ -65,11 +65,12 @@ import signal
 import socket
 import struct
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import trio
+
+from .netio import Drops, errname, exit_code, format_address, resolve, send_all, split_hostport
 
 log = logging.getLogger("wgpy.udp2tcp")
 
@@ -231,17 +232,10 @@ class FrameDecoder:
 
 def parse_hostport(text: str) -> Address:
     """"H:P" or "[v6]:P" -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise UsageError(f"expected HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def format_address(addr: tuple) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        return split_hostport(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _same_address(a: Address, b: Address) -> bool:
@@ -253,33 +247,8 @@ def _same_address(a: Address, b: Address) -> bool:
         return a[0] == b[0]
 
 
-async def _resolve(addr: Address, type: int, passive: bool = False) -> tuple[int, tuple]:
-    flags = socket.AI_PASSIVE if passive else 0
-    infos = await trio.socket.getaddrinfo(addr[0], addr[1], type=type, flags=flags)
-    if not infos:
-        raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve {format_address(addr)}")
-    family, _, _, _, sockaddr = infos[0]
-    return family, sockaddr
-
-
-def _errname(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else type(exc).__name__
-
-
 def _set_nodelay(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-async def _send_all(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
-    """Write all of `data` to a non-blocking stream socket, waiting for room as needed."""
-    view = memoryview(data)
-    while view:
-        try:
-            n = sock.send(view)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
-        view = view[n:]
 
 
 async def _recv_frames(sock: socket.socket, decoder: FrameDecoder,
@@ -318,19 +287,6 @@ class _Backoff:
         delay = self.current
         self.current = min(self.current * 2, self.high)
         return delay * random.uniform(0.8, 1.2)
-
-
-class _Drops:
-    def __init__(self) -> None:
-        self.reasons: Counter[str] = Counter()
-
-    def add(self, reason: str, n: int = 1) -> None:
-        if n:
-            self.reasons[reason] += n
-
-    @property
-    def total(self) -> int:
-        return sum(self.reasons.values())
 
 
 # ---------------------------------------------------------------- client
@@ -382,7 +338,7 @@ class Udp2TcpClient:
         self._flush = trio.Event()
         self._connected = trio.Event()
         self._queue_send, self._queue_recv = trio.open_memory_channel[bytes](receive_queue)
-        self._drops = _Drops()
+        self._drops = Drops()
         self._sent = 0
         self._received = 0
         self._connects = 0
@@ -430,7 +386,7 @@ class Udp2TcpClient:
         except BlockingIOError:
             n = 0
         except OSError as exc:
-            self._drops.add(f"tcp send: {_errname(exc)}", count)
+            self._drops.add(f"tcp send: {errname(exc)}", count)
             self._break(f"send failed: {exc}")
             return
         self._sent += count
@@ -478,7 +434,7 @@ class Udp2TcpClient:
             await trio.sleep(self._backoff.next_delay())
 
     async def _connect(self) -> socket.socket:
-        family, sockaddr = await _resolve(self.server, socket.SOCK_STREAM)
+        family, sockaddr = await resolve(self.server, socket.SOCK_STREAM)
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             _set_nodelay(sock)
@@ -588,7 +544,7 @@ class LocalForwarder:
         self.local_address: tuple | None = None  # where we are bound (after run started)
         self.peer: tuple | None = None
         self._sock: socket.socket | None = None
-        self._drops = _Drops()
+        self._drops = Drops()
 
     def statistics(self) -> dict:
         stats = self.client.statistics()
@@ -599,7 +555,7 @@ class LocalForwarder:
         }
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        family, sockaddr = await _resolve(self.listen, socket.SOCK_DGRAM, passive=True)
+        family, sockaddr = await resolve(self.listen, socket.SOCK_DGRAM, passive=True)
         sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             sock.bind(sockaddr)
@@ -651,7 +607,7 @@ class LocalForwarder:
             except BlockingIOError:
                 self._drops.add("local socket full")
             except OSError as exc:
-                self._drops.add(f"udp send: {_errname(exc)}")
+                self._drops.add(f"udp send: {errname(exc)}")
 
 
 async def run_local_forwarder(listen: Address, server: Address, *,
@@ -708,7 +664,7 @@ class Udp2TcpServer:
         self._protocol_errors = 0
         self._to_udp = 0
         self._to_tcp = 0
-        self._drops = _Drops()
+        self._drops = Drops()
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
@@ -719,8 +675,8 @@ class Udp2TcpServer:
         )
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self._target = await _resolve(self.forward, socket.SOCK_DGRAM)
-        family, sockaddr = await _resolve(self.listen, socket.SOCK_STREAM, passive=True)
+        self._target = await resolve(self.forward, socket.SOCK_DGRAM)
+        family, sockaddr = await resolve(self.listen, socket.SOCK_STREAM, passive=True)
         listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -822,11 +778,11 @@ class Udp2TcpServer:
                 try:
                     udp.send(d)
                 except OSError as exc:
-                    self._drops.add(f"udp send: {_errname(exc)}")
+                    self._drops.add(f"udp send: {errname(exc)}")
                     continue
             except OSError as exc:
                 # ECONNREFUSED (the target is not listening right now), EMSGSIZE: count, go on.
-                self._drops.add(f"udp send: {_errname(exc)}")
+                self._drops.add(f"udp send: {errname(exc)}")
                 continue
             self._to_udp += 1
 
@@ -847,12 +803,12 @@ class Udp2TcpServer:
                     except BlockingIOError:
                         break
                     except OSError as exc:
-                        self._drops.add(f"udp receive: {_errname(exc)}")
+                        self._drops.add(f"udp receive: {errname(exc)}")
                         continue
                     pack_into(buf, 0, n)
                     frames.append(bytes(view[:HEADER_LEN + n]))
                 if frames:
-                    await _send_all(tcp, b"".join(frames))
+                    await send_all(tcp, b"".join(frames))
                     self._to_tcp += len(frames)
         except OSError as exc:
             log.info("udp2tcp server: %s: TCP send failed: %s", format_address(peer), exc)
@@ -917,12 +873,6 @@ async def _main_async(args: argparse.Namespace) -> None:
                   f"server {format_address(args.server)}/TCP", flush=True)
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -930,14 +880,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trio.run(_main_async, args)
     except (Udp2TcpError, OSError, BaseExceptionGroup) as exc:
-        leaf = _leaf(exc)
-        if isinstance(leaf, UsageError):
-            print(f"udp2tcp: {leaf}", file=sys.stderr)
-            return 2
-        if isinstance(leaf, OSError):
-            print(f"udp2tcp: {leaf}", file=sys.stderr)
-            return 1
-        raise
+        code = exit_code("udp2tcp", exc, UsageError)
+        if code is None:
+            raise
+        return code
     return 0
 
 

@@ -68,13 +68,6 @@ BRIDGE_LOG_DIR = "/var/log/wgpy"
 TUNNEL_OVERHEAD = 80
 
 
-def _parse_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
-
-
 def bridge_plan(cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]]) -> dict[int, dict]:
     """For each peer with `Bridge =`: the carrier to run, the server it talks to and the bytes it
     adds to every WireGuard datagram. Errors are FILE:LINE."""
@@ -86,7 +79,11 @@ def bridge_plan(cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]]) -> 
         scheme = peer.bridge.split("://", 1)[0].lower()
         try:
             if scheme == "udp2tcp":
-                server = _parse_hostport(peer.bridge.split("://", 1)[1].rstrip("/"))
+                from bridge.netio import split_hostport
+
+                server = split_hostport(peer.bridge.split("://", 1)[1].rstrip("/"))
+                if server[1] == 0:
+                    raise ValueError("udp2tcp: port 0 is not a server port")
                 # TCP carries the datagrams whole: no MTU cost. The server's target is fixed.
                 plan[i] = {"kind": "udp2tcp", "server": server, "overhead": 0, "uri": peer.bridge}
             elif scheme == "ss":
