@@ -20,7 +20,6 @@ import base64
 import os
 import select
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -29,6 +28,7 @@ import pytest
 
 from bridge.shadowsocks import Address, Cipher, TcpDecryptor, TcpEncryptor
 
+from .traffic import tcp_echo, udp_echo
 from .netlab import Namespace, NetLab, missing_requirements
 
 pytestmark = pytest.mark.netns
@@ -63,59 +63,10 @@ class Lab:
 # The lab closes these sockets before it runs the deferred stop: the loops end on either.
 
 
-def _udp_echo(sock: socket.socket, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            r, _, _ = select.select([sock], [], [], 0.1)
-            if r:
-                data, peer = sock.recvfrom(65535)
-                sock.sendto(data, peer)
-        except (OSError, ValueError):
-            return
-
-
-def _tcp_echo(listener: socket.socket, stop: threading.Event) -> None:
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(10)
-            try:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-    while not stop.is_set():
-        try:
-            r, _, _ = select.select([listener], [], [], 0.1)
-            if not r:
-                continue
-            conn, _ = listener.accept()
-        except (OSError, ValueError):
-            return
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-
 def _start_echoes(lab: NetLab, ns: Namespace) -> None:
-    stop = threading.Event()
-    threads = []
-    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        sock = ns.socket(family, socket.SOCK_DGRAM)
-        sock.bind((host, ECHO_PORT))
-        threads.append(threading.Thread(target=_udp_echo, args=(sock, stop), daemon=True))
-    listener = ns.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", ECHO_PORT))
-    listener.listen(16)
-    threads.append(threading.Thread(target=_tcp_echo, args=(listener, stop), daemon=True))
-    for t in threads:
-        t.start()
-
-    def halt() -> None:
-        stop.set()
-        for t in threads:
-            t.join(2)
-
-    lab.defer(halt)
+    for addr in (("127.0.0.1", ECHO_PORT), ("::1", ECHO_PORT)):
+        udp_echo(lab, ns, addr)
+    tcp_echo(lab, ns, ("127.0.0.1", ECHO_PORT))
 
 
 # ---------------------------------------------------------------- the lab

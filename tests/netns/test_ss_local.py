@@ -18,7 +18,6 @@ import os
 import re
 import socket
 import sys
-import threading
 import time
 from urllib.parse import quote
 
@@ -27,6 +26,7 @@ import pytest
 from bridge.shadowsocks import Cipher, Udp2022Server
 from bridge.ss_local import overhead
 
+from .traffic import udp_echo
 from .netlab import LabProcess, Namespace, NetLab, missing_requirements
 from .wg_peers import WgInterface
 
@@ -57,25 +57,6 @@ def _lab(lab: NetLab) -> tuple[Namespace, Namespace, str]:
     c, s = lab.netns("ssc"), lab.netns("sss")
     _, veth_s = lab.veth(c, s, addrs_a=[f"{C_ADDR}/24"], addrs_b=[f"{S_ADDR}/24"])
     return c, s, veth_s
-
-
-def _udp_echo(lab: NetLab, ns: Namespace, addr: tuple[str, int]) -> None:
-    sock = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(addr)
-    sock.settimeout(0.1)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                data, peer = sock.recvfrom(65535)
-                sock.sendto(data, peer)
-            except (socket.timeout, OSError):
-                continue
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    lab.defer(lambda: (stop.set(), t.join(2)))
 
 
 def _wait_udp_bound(ns: Namespace, port: int, proc: LabProcess, timeout: float = 5.0) -> None:
@@ -166,7 +147,7 @@ def test_echo_through_ss_server(netlab: NetLab, method: str) -> None:
     if reason:
         pytest.skip(reason)
     c, s, _ = _lab(netlab)
-    _udp_echo(netlab, s, ECHO)
+    udp_echo(netlab, s, ECHO)
     server = _ss_server(s, method)
     fwd_proc, fwd = _forwarder(c, _uri(method, S_ADDR), ECHO)
     app = _app(c)
@@ -188,7 +169,7 @@ def test_echo_through_bridge_serve_2022(netlab: NetLab) -> None:
     if reason:
         pytest.skip(reason)
     c, s, _ = _lab(netlab)
-    _udp_echo(netlab, s, ECHO)
+    udp_echo(netlab, s, ECHO)
     server = _bridge_serve_2022(s, ECHO)
     fwd_proc, fwd = _forwarder(c, _uri(METHOD_2022, S_ADDR), ECHO)
     _echo_through(_app(c), fwd, [fwd_proc, server])

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import socket
 import sys
-import threading
 import time
 
 import pytest
 
+from .traffic import udp_echo
 from .netlab import LabProcess, Namespace, NetLab, missing_requirements
 from .wg_peers import WgInterface
 
@@ -44,26 +44,6 @@ def udp2tcp(ns: Namespace, *args: str) -> LabProcess:
             raise AssertionError(f"udp2tcp {args[0]} did not start:\n{proc.output()}")
         time.sleep(0.02)
     return proc
-
-
-def udp_echo(lab: NetLab, ns: Namespace, addr: tuple[str, int]) -> None:
-    """A UDP echo server in `ns`, served by a thread of this process until the lab closes."""
-    sock = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(addr)
-    sock.settimeout(0.1)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                data, peer = sock.recvfrom(65535)
-                sock.sendto(data, peer)
-            except (socket.timeout, OSError):
-                continue
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    lab.defer(lambda: (stop.set(), t.join(2)))
 
 
 def udp_blocked_lab(lab: NetLab) -> tuple[Namespace, Namespace]:

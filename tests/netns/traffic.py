@@ -1,5 +1,5 @@
 """Traffic helpers for namespace tests: ping (one-shot, until-it-works, and a background stream
-with timestamps) and iperf3 (one TCP run, either direction, JSON parsed).
+with timestamps), iperf3 (one TCP run, either direction, JSON parsed), UDP and TCP echo servers.
 
 All of them run the Debian tools inside lab namespaces (netlab.Namespace); none of them touches
 the root namespace. Functional checks, not benchmarks: keep runs short.
@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+import select
+import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
-from .netlab import LabProcess, Namespace, NetLabError
+from .netlab import LabProcess, Namespace, NetLab, NetLabError
 
 IPERF_PORT = 5201
 
@@ -185,3 +189,60 @@ def link_stats(ns: Namespace, dev: str) -> dict:
     """Kernel counters of `dev` ({"rx": {"packets", "bytes", ...}, "tx": {...}})."""
     info = json.loads(ns.ip("-s", "-j", "link", "show", "dev", dev).stdout)[0]
     return info["stats64"]
+
+
+# ---------------------------------------------------------------- echo servers (threads of the test)
+
+
+def _serve_in_thread(lab: NetLab, loop: Callable[[threading.Event], None]) -> None:
+    stop = threading.Event()
+    t = threading.Thread(target=loop, args=(stop,), daemon=True)
+    t.start()
+    lab.defer(lambda: (stop.set(), t.join(2)))
+
+
+def udp_echo(lab: NetLab, ns: Namespace, addr: tuple[str, int]) -> None:
+    """A UDP echo server on `addr` in `ns`, served by a thread of this process until the lab
+    closes (IPv6 when the host has a ':')."""
+    sock = ns.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(addr)
+
+    def loop(stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                if select.select([sock], [], [], 0.1)[0]:
+                    data, peer = sock.recvfrom(65535)
+                    sock.sendto(data, peer)
+            except (OSError, ValueError):  # the lab closed the socket
+                return
+
+    _serve_in_thread(lab, loop)
+
+
+def tcp_echo(lab: NetLab, ns: Namespace, addr: tuple[str, int]) -> None:
+    """A TCP echo server on `addr` in `ns`: one thread per connection, until the lab closes."""
+    listener = ns.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(addr)
+    listener.listen(16)
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def loop(stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                if not select.select([listener], [], [], 0.1)[0]:
+                    continue
+                conn, _ = listener.accept()
+            except (OSError, ValueError):
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    _serve_in_thread(lab, loop)
