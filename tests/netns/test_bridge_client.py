@@ -16,6 +16,11 @@ from .wg_peers import Keys
 
 pytestmark = pytest.mark.netns
 WGPY = str(Path(sys.executable).with_name("wgpy"))
+# Functional floor: TCP really flows through the bridge. Six processes share the data path on a
+# 2-core machine here, and a 2 s run right after start-up has measured as low as 3.6 Mbit/s (once
+# in ten runs, with 30 ms ping times on the same box); speed is measured by
+# `wgpy bench tunnel --bridge`, not here.
+MIN_MBPS = 1.0
 
 
 @pytest.fixture(autouse=True)
@@ -157,7 +162,7 @@ Bridge = ss://{method}:bridge-pw@10.224.0.1:8388
     for reverse in (False, True):
         mbps = iperf3(s, c, "10.225.0.1", reverse=reverse).bits_per_second / 1e6
         print(f"\n[ss bridge {method}] iperf3 {'<-' if reverse else '->'}: {mbps:.1f} Mbit/s")
-        assert mbps > 5
+        assert mbps > MIN_MBPS
     wgpy(c, "down", path, check=True)
     assert snapshot(c) == before
 
@@ -209,7 +214,7 @@ Bridge = ss://2022-blake3-aes-256-gcm:{psk}@10.226.0.1:8388
     assert r.returncode == 0, r.stdout + r.stderr
     mbps = iperf3(s, c, "10.227.0.1").bits_per_second / 1e6
     print(f"\n[ss2022 bridge] iperf3 wgpy -> wgpy bridge serve -> wgpy: {mbps:.1f} Mbit/s")
-    assert mbps > 5
+    assert mbps > MIN_MBPS
     wgpy(c, "down", c_path, check=True)
     wgpy(s, "down", s_path, check=True)
 
@@ -220,7 +225,7 @@ def test_wireguard_go_and_ss_tunnel_to_wgpy_bridge_serve(netlab):
     if reason:
         pytest.skip(reason)
     from .traffic import iperf3
-    from .wg_peers import PeerConf, WgInterface
+    from .wg_peers import WgInterface
 
     c, s = netlab.netns("goc"), netlab.netns("wgpys")
     netlab.veth(c, s, addrs_a=["10.228.0.2/24"], addrs_b=["10.228.0.1/24"])
@@ -242,5 +247,5 @@ def test_wireguard_go_and_ss_tunnel_to_wgpy_bridge_serve(netlab):
     for reverse in (False, True):
         mbps = iperf3(s, c, "10.229.0.1", reverse=reverse).bits_per_second / 1e6
         print(f"\n[ss-tunnel -> wgpy bridge serve] iperf3 {'<-' if reverse else '->'}: {mbps:.1f} Mbit/s")
-        assert mbps > 5
+        assert mbps > MIN_MBPS
     assert server.dump()["peers"][client.keys.public_b64]["latest_handshake"] > 0
