@@ -408,6 +408,13 @@ class Udp2TcpClient:
         except trio.EndOfChannel:  # pragma: no cover - the channel is never closed
             raise StopAsyncIteration
 
+    def set_fwmark(self, mark: int) -> None:
+        """Mark the connection's packets from now on (Linux re-routes a socket whose mark
+        changes), and every later connection."""
+        self.fwmark = mark
+        if self._sock is not None:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+
     def disconnect(self) -> None:
         """Drop the current connection (it is re-established after the backoff delay)."""
         self._break("disconnect requested")

@@ -110,6 +110,33 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+SET_USAGE = "usage: wgpy set IFNAME peer PUBKEY bridge URI|off [peer PUBKEY bridge URI|off ...]"
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    """Bridges on a running interface; everything else stays with `wg set`."""
+    from . import control, quick
+
+    words = args.settings
+    if not words or len(words) % 4:
+        raise UsageError(SET_USAGE)
+    changes: list[tuple[bytes, str | None]] = []
+    for i in range(0, len(words), 4):
+        peer_word, key_text, bridge_word, value = words[i:i + 4]
+        if peer_word != "peer" or bridge_word != "bridge":
+            raise UsageError(SET_USAGE)
+        try:
+            key = keys.decode_base64_key(key_text)
+        except keys.KeyError_:
+            raise UsageError(f"peer {key_text[:60]!r}: not a base64 WireGuard public key") from None
+        changes.append((key, None if value in ("off", "") else value))
+    try:
+        quick.set_bridges(args.ifname, changes)
+    except (quick.UpError, control.ControlError) as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
 def cmd_bridge(args: argparse.Namespace) -> int:
     rest = args.bridge_args
     if not rest or rest[0] != "serve":
@@ -147,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("ifname", nargs="?", metavar="IFNAME")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_show)
+    sp = sub.add_parser("set", help="bridge a peer of a running interface: "
+                        "`wgpy set IFNAME peer PUBKEY bridge URI|off`")
+    sp.add_argument("ifname", metavar="IFNAME")
+    sp.add_argument("settings", nargs=argparse.REMAINDER)
+    sp.set_defaults(func=cmd_set)
     sp = sub.add_parser("bridge", help="bridge servers: `wgpy bridge serve --listen URI ...`", add_help=False)
     sp.add_argument("bridge_args", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_bridge)

@@ -71,6 +71,8 @@ import stat
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Union
 
+from bridge.spec import BridgeError, parse_bridge
+
 from .keys import KeyError_, decode_base64_key, encode_base64_key
 from .keys import public_key as derive_public_key
 
@@ -153,7 +155,7 @@ class PeerConfig:
     allowed_ips: list[IPNetwork] = field(default_factory=list)  # host bits cleared
     endpoint: tuple[str, int] | None = None  # (IPv4 | IPv6 without brackets | DNS name, port)
     persistent_keepalive: int | None = None  # "off" -> None
-    bridge: str | None = None  # raw `Bridge = ...` value, validated elsewhere
+    bridge: str | None = None  # the `Bridge = ...` value as written (bridge/spec.py checked it)
     line: int = field(default=0, compare=False)  # line of the [Peer] header (not compared)
 
     def __repr__(self) -> str:
@@ -409,6 +411,10 @@ def _keepalive(value: str, notes: list) -> int | None:
 
 
 def _bridge(value: str, notes: list) -> str:
+    try:
+        parse_bridge(value)  # the syntax; `wgpy up` resolves the server's name later
+    except BridgeError as exc:  # never quotes the value: an ss:// URI holds a password
+        raise _Bad(str(exc)) from None
     return value
 
 
@@ -689,12 +695,15 @@ def _fmt_endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def uapi_set_lines(config: Config, endpoints: dict[int, tuple[str, int]] | None = None) -> list[str]:
+def uapi_set_lines(config: Config, endpoints: dict[int, tuple[str, int]] | None = None,
+                   bridges: dict[int, str] | None = None) -> list[str]:
     """The lines `wg setconf` sends after `set=1` (without it and without the final empty line):
     private_key, listen_port and fwmark always (0 when not set), replace_peers=true, then per
     peer public_key, preshared_key, endpoint, persistent_keepalive_interval (when set),
     replace_allowed_ips=true and allowed_ip lines. `endpoints` maps a peer's index to its
     resolved numeric (ip, port); a peer whose endpoint is already numeric needs no entry.
+    `bridges` maps a peer's index to its bridge with a numeric server (wgpy's `wgpy_bridge=`
+    extension, sent after the endpoint: a daemon other than wgpy-daemon refuses the request).
     Raises ValueError for a peer whose endpoint is a name that `endpoints` does not resolve."""
     iface = config.interface
     lines = [
@@ -719,6 +728,8 @@ def uapi_set_lines(config: Config, endpoints: dict[int, tuple[str, int]] | None 
             if not 0 < port <= 65535:
                 raise ValueError(f"peer {i} ({config.path}:{peer.line}): endpoint port {port} out of range")
             lines.append(f"endpoint={_fmt_endpoint(_ntop(addr), port)}")
+        if bridges is not None and i in bridges:
+            lines.append(f"wgpy_bridge={bridges[i]}")
         if peer.persistent_keepalive is not None:
             lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
         lines.append("replace_allowed_ips=true")

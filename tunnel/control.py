@@ -72,6 +72,12 @@ class PeerStatus:
     rx_bytes: int = 0
     tx_bytes: int = 0
     persistent_keepalive: int = 0
+    # wgpy-daemon only (UAPI `get=wgpy`): the bridge, without its password, and its counters.
+    bridge: str | None = None
+    bridge_connected: bool = False
+    bridge_tx_packets: int = 0
+    bridge_rx_packets: int = 0
+    bridge_dropped: int = 0
 
 
 @dataclass
@@ -93,12 +99,21 @@ def get_lines(ifname: str, socket_dir: str = SOCKET_DIR) -> list[tuple[str, str]
             if "=" in line]
 
 
+def _get_extended(ifname: str, socket_dir: str) -> str:
+    """`get=wgpy` from a wgpy-daemon; `get=1` from anything else (wireguard-go closes the
+    connection on an operation it does not know)."""
+    try:
+        return _request(ifname, "get=wgpy\n\n", socket_dir=socket_dir)
+    except ControlError:
+        return _request(ifname, "get=1\n\n", socket_dir=socket_dir)
+
+
 def get_status(ifname: str, socket_dir: str = SOCKET_DIR) -> InterfaceStatus:
     from .keys import public_key
 
     status = InterfaceStatus(ifname)
     peer: PeerStatus | None = None
-    for line in _request(ifname, "get=1\n\n", socket_dir=socket_dir).split("\n"):
+    for line in _get_extended(ifname, socket_dir).split("\n"):
         if "=" not in line:
             continue
         key, value = line.split("=", 1)
@@ -127,4 +142,14 @@ def get_status(ifname: str, socket_dir: str = SOCKET_DIR) -> InterfaceStatus:
             peer.tx_bytes = int(value)
         elif key == "persistent_keepalive_interval":
             peer.persistent_keepalive = int(value)
+        elif key == "wgpy_bridge":
+            peer.bridge = value
+        elif key == "wgpy_bridge_connected":
+            peer.bridge_connected = value == "1"
+        elif key == "wgpy_bridge_tx_packets":
+            peer.bridge_tx_packets = int(value)
+        elif key == "wgpy_bridge_rx_packets":
+            peer.bridge_rx_packets = int(value)
+        elif key == "wgpy_bridge_dropped":
+            peer.bridge_dropped = int(value)
     return status

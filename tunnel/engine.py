@@ -4,6 +4,8 @@ Tasks (one trio thread; the core is called synchronously, so it needs no locks):
 
     tun reader      TUN --batch--> Device.outbound --> UDP send
     udp reader x2   UDP --batch--> Device.inbound  --> TUN write, UDP send
+    carriers        one per bridged peer (bridge/carrier.py): its datagrams leave through a
+                    Shadowsocks or udp-over-tcp client; replies enter Device.inbound the same way
     timers          sleep until Device.next_deadline() (or a config change) --> Device.tick --> UDP send
     uapi server     /var/run/wireguard/IFNAME.sock: get/set through tunnel.uapi
     link watcher    rtnetlink: exit when the link is deleted, follow MTU changes
@@ -25,6 +27,9 @@ from collections import Counter
 
 import trio
 
+from bridge.carrier import BridgedEndpoint, Carrier, open_carrier
+from bridge.spec import BridgeSpec
+
 from . import netlink, uapi
 from .noise import Device
 from .tun import Tun
@@ -40,7 +45,7 @@ UAPI_READ_SIZE = 65536
 
 
 class Engine:
-    """One WireGuard interface. Implements uapi.InterfaceSettings (listen_port, fwmark)."""
+    """One WireGuard interface. Implements uapi.InterfaceSettings (listen port, fwmark, bridges)."""
 
     def __init__(self, ifname: str, *, socket_dir: str = SOCKET_DIR, mtu: int = 1420) -> None:
         self.ifname = ifname
@@ -59,6 +64,11 @@ class Engine:
         self._uapi_sock: trio.socket.SocketType | None = None
         self._socket_ino: tuple[int, int] | None = None
         self._uapi_clients = 0
+        # Bridged peers: public key -> its carrier; carrier number -> carrier (BridgedEndpoint).
+        self.carriers: dict[bytes, Carrier] = {}
+        self._carrier_by_id: dict[int, Carrier] = {}
+        self._carrier_peer: dict[int, object] = {}
+        self._next_carrier = 1
         self.exit_reason = ""
         self.stopped = trio.Event()
 
@@ -80,6 +90,68 @@ class Engine:
 
     def set_fwmark(self, mark: int) -> None:
         self.udp.set_fwmark(mark)
+        for carrier in self.carriers.values():
+            try:
+                carrier.set_fwmark(mark)
+            except OSError as exc:  # the socket is being replaced; the new one gets the mark
+                log.warning("%s: bridge %s: fwmark: %s", self.ifname, carrier.spec.redacted(), exc)
+
+    def set_endpoint(self, peer, endpoint: tuple[str, int]) -> None:
+        carrier = self._carrier_of(peer)
+        peer.endpoint = carrier.endpoint(endpoint) if carrier is not None else endpoint
+
+    def set_bridge(self, peer, bridge: BridgeSpec | None) -> None:
+        old = self.carriers.get(peer.public_key)
+        if old is not None and self._carrier_of(peer) is old and old.spec == bridge:
+            return  # the same bridge again: keep the carrier (and a 2022 session) running
+        target = _server_view(peer.endpoint)
+        if old is not None:  # ours, or left by a peer of the same key removed in this request
+            self._stop_carrier(peer.public_key)
+        if bridge is None:
+            peer.endpoint = target
+            peer.roaming = True
+            return
+        ident = self._next_carrier
+        self._next_carrier += 1
+        carrier = open_carrier(bridge, ident, self._from_bridge, self.udp.fwmark)
+        self.carriers[peer.public_key] = carrier
+        self._carrier_by_id[ident] = carrier
+        self._carrier_peer[ident] = peer
+        # Shadowsocks needs a target; udp2tcp's server has its own, so any endpoint will do.
+        peer.endpoint = carrier.endpoint(target) if target is not None or bridge.kind == "udp2tcp" else None
+        peer.roaming = False
+        log.info("%s: a peer now goes through bridge %s", self.ifname, bridge.redacted())
+        if self._nursery is not None:
+            self._nursery.start_soon(carrier.run)
+
+    def extension_lines(self, peer) -> list[str]:
+        carrier = self._carrier_of(peer)
+        if carrier is None:
+            return []
+        st = carrier.statistics()
+        return [f"wgpy_bridge={st['bridge']}", f"wgpy_bridge_connected={int(st['connected'])}",
+                f"wgpy_bridge_tx_packets={st['sent']}", f"wgpy_bridge_rx_packets={st['received']}",
+                f"wgpy_bridge_dropped={st['dropped']}"]
+
+    def _carrier_of(self, peer) -> Carrier | None:
+        carrier = self.carriers.get(peer.public_key)
+        if carrier is None or self._carrier_peer.get(carrier.ident) is not peer:
+            return None
+        return carrier
+
+    def _stop_carrier(self, public_key: bytes) -> None:
+        carrier = self.carriers.pop(public_key)
+        carrier.scope.cancel()
+        del self._carrier_by_id[carrier.ident]
+        del self._carrier_peer[carrier.ident]
+
+    def forget_removed_peers(self) -> None:
+        """After a set request: stop the carriers of peers that were removed (or removed and
+        added again without their bridge)."""
+        for pk, carrier in list(self.carriers.items()):
+            if self.device.peers.get(pk) is not self._carrier_peer[carrier.ident]:
+                log.info("%s: bridge %s stopped: its peer is gone", self.ifname, carrier.spec.redacted())
+                self._stop_carrier(pk)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -96,6 +168,8 @@ class Engine:
                 nursery.start_soon(self._uapi_server, listener)
                 nursery.start_soon(self._link_watcher)
                 nursery.start_soon(self._socket_watcher)
+                for carrier in self.carriers.values():
+                    nursery.start_soon(carrier.run)
                 log.info("%s: up (listening on UDP port %d)", self.ifname, self.udp.port)
                 task_status.started()
         finally:
@@ -111,6 +185,8 @@ class Engine:
             self._nursery.cancel_scope.cancel()
 
     def close(self) -> None:
+        for pk in list(self.carriers):
+            self._stop_carrier(pk)
         self.udp.close()
         if self._uapi_sock is not None:
             self._uapi_sock.close()
@@ -156,31 +232,57 @@ class Engine:
                     nursery.start_soon(self._udp_reader, sock)
 
     async def _udp_reader(self, sock: socket.socket) -> None:
-        device, udp, tun = self.device, self.udp, self.tun
+        udp = self.udp
         try:
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 batch = udp.recv_batch(sock, BATCH)
                 if not batch:
                     continue
-                result = device.inbound(batch, trio.current_time())
-                self._reschedule_timers()
-                for packet in result.to_tun:
-                    try:
-                        tun.write(packet)
-                    except BlockingIOError:
-                        self.io_drops["tun write queue full"] += 1
-                    except OSError as exc:
-                        self.io_drops[f"tun write: {errno.errorcode.get(exc.errno, exc.errno)}"] += 1
-                if result.to_net:
-                    await self._send(result.to_net)
+                to_net = self._inbound(batch)
+                if to_net:
+                    await self._send(to_net)
         except (trio.ClosedResourceError, OSError) as exc:
             if not isinstance(exc, trio.ClosedResourceError) and exc.errno != errno.EBADF:
                 raise
 
-    async def _send(self, datagrams) -> None:
+    def _inbound(self, batch) -> list:
+        """One batch of received datagrams through the core: packets to the TUN, and what the
+        core answers (returned, for the caller to send)."""
+        result = self.device.inbound(batch, trio.current_time())
+        self._reschedule_timers()
+        tun = self.tun
+        for packet in result.to_tun:
+            try:
+                tun.write(packet)
+            except BlockingIOError:
+                self.io_drops["tun write queue full"] += 1
+            except OSError as exc:
+                self.io_drops[f"tun write: {errno.errorcode.get(exc.errno, exc.errno)}"] += 1
+        return result.to_net
+
+    def _from_bridge(self, batch) -> None:
+        """A carrier's received datagrams (called synchronously by its receive task)."""
+        to_net = self._inbound(batch)
+        if to_net:
+            blocked = self._send_now(to_net)
+            if blocked:  # this path cannot wait: a full socket loses them, as UDP may
+                self.io_drops["udp send: socket full"] += len(blocked)
+
+    def _send_now(self, datagrams) -> list:
+        """Send what can go without waiting; returns the (data, endpoint, socket) that would block.
+        A bridged peer's datagrams go to its carrier, which never blocks."""
         udp = self.udp
+        carriers = self._carrier_by_id
+        blocked = []
         for data, endpoint in datagrams:
+            if type(endpoint) is BridgedEndpoint:
+                carrier = carriers.get(endpoint.carrier)
+                if carrier is None:
+                    self.io_drops["bridge removed"] += 1
+                else:
+                    carrier.send(data, endpoint)
+                continue
             sock = udp.socket_for(endpoint)
             if sock is None:
                 self.io_drops["no socket for endpoint family"] += 1
@@ -188,14 +290,19 @@ class Engine:
             try:
                 sock.sendto(data, endpoint)
             except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_writable(sock)
-                    sock.sendto(data, endpoint)
-                except (OSError, trio.ClosedResourceError) as exc:
-                    self.io_drops[f"udp send: {exc}"] += 1
+                blocked.append((data, endpoint, sock))
             except OSError as exc:
                 # Unreachable networks, EPERM from a firewall, EMSGSIZE: count, never stop.
                 self.io_drops[f"udp send: {errno.errorcode.get(exc.errno, exc.errno)}"] += 1
+        return blocked
+
+    async def _send(self, datagrams) -> None:
+        for data, endpoint, sock in self._send_now(datagrams):
+            try:
+                await trio.lowlevel.wait_writable(sock)
+                sock.sendto(data, endpoint)
+            except (OSError, trio.ClosedResourceError) as exc:
+                self.io_drops[f"udp send: {exc}"] += 1
 
     # ------------------------------------------------------------ TUN and timers
 
@@ -308,6 +415,7 @@ class Engine:
                     for request in requests:
                         reply = uapi.handle(request, self.device, self, on_error=self._uapi_refused)
                         if request[0] == "set":
+                            self.forget_removed_peers()
                             self.wake_timers()
                         await conn.send(reply.encode())
                     if error is not None:
@@ -377,4 +485,12 @@ class Engine:
             "drops": dict(self.device.drops),
             "io_drops": dict(self.io_drops),
             "events": dict(self.device.stats),
+            "bridges": [c.statistics() for c in self.carriers.values()],
         }
+
+
+def _server_view(endpoint) -> tuple[str, int] | None:
+    """A peer's endpoint without the bridge: (host, port) as the bridge server sees it."""
+    if endpoint is None:
+        return None
+    return (endpoint[0], endpoint[1])

@@ -187,14 +187,15 @@ def link_exists(ifname: str) -> bool:
     return os.path.exists(f"/sys/class/net/{ifname}")
 
 
-def route_mtu_towards(address: str | None) -> int | None:
+def route_mtu_towards(address: str | None, mark: int = 0) -> int | None:
     """The MTU wg-quick would use: the route's own mtu, else its device's (for `address`, or the
-    default route when None)."""
+    default route when None). `mark`: the route packets with that fwmark take (a full tunnel's
+    own packets, which policy routing keeps out of the tunnel)."""
     if address is None:
         r = run(["ip", "route", "show", "default"], check=False)
         words = r.stdout.split("\n", 1)[0].split()
     else:
-        r = run(["ip", "route", "get", address], check=False)
+        r = run(["ip", "route", "get", address] + (["mark", str(mark)] if mark else []), check=False)
         words = r.stdout.split()
     if r.returncode != 0 or not words:
         return None

@@ -7,14 +7,16 @@ Order (as wg-quick): PreUp, daemon, keys and peers, addresses, MTU and link up, 
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
-import re
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bridge.spec import BridgeError, BridgeSpec, parse_bridge
 
 from . import config as wgconfig
 from . import control, netconfig
@@ -63,80 +65,95 @@ def resolve_endpoints(cfg: wgconfig.Config) -> dict[int, tuple[str, int]]:
     return out
 
 
-BRIDGE_LOG_DIR = "/var/log/wgpy"
 # IPv6 + UDP + WireGuard: what wg-quick subtracts from the path MTU.
 TUNNEL_OVERHEAD = 80
 
 
-def bridge_plan(cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]]) -> dict[int, dict]:
-    """For each peer with `Bridge =`: the carrier to run, the server it talks to and the bytes it
-    adds to every WireGuard datagram. Errors are FILE:LINE."""
-    plan: dict[int, dict] = {}
+def resolve_bridge(spec: BridgeSpec) -> BridgeSpec:
+    """The bridge with its server's name resolved (the daemon takes numeric hosts only, as for
+    endpoints; IPv4 preferred like wg). Raises BridgeError naming the host, never the URI."""
+    if spec.numeric:
+        return spec
+    host, port = spec.server
+    kind = socket.SOCK_STREAM if spec.kind == "udp2tcp" else socket.SOCK_DGRAM
+    try:
+        infos = socket.getaddrinfo(host, port, type=kind)
+    except socket.gaierror as exc:
+        raise BridgeError(f"cannot resolve the bridge server {host!r}: {exc.strerror}") from None
+    infos.sort(key=lambda i: i[0] != socket.AF_INET)
+    return spec.with_host(infos[0][4][0])
+
+
+def bridge_plan(cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]]) -> dict[int, BridgeSpec]:
+    """Each bridged peer's bridge, its server resolved. Errors are FILE:LINE."""
+    plan: dict[int, BridgeSpec] = {}
     errors = []
     for i, peer in enumerate(cfg.peers):
         if not peer.bridge:
             continue
-        scheme = peer.bridge.split("://", 1)[0].lower()
         try:
-            if scheme == "udp2tcp":
-                from bridge.netio import split_hostport
-
-                server = split_hostport(peer.bridge.split("://", 1)[1].rstrip("/"))
-                if server[1] == 0:
-                    raise ValueError("udp2tcp: port 0 is not a server port")
-                # TCP carries the datagrams whole: no MTU cost. The server's target is fixed.
-                plan[i] = {"kind": "udp2tcp", "server": server, "overhead": 0, "uri": peer.bridge}
-            elif scheme == "ss":
-                if i not in endpoints:
-                    raise ValueError("a peer with Bridge = ss://... needs Endpoint: the WireGuard "
-                                     "endpoint as the bridge server sees it (e.g. 127.0.0.1:51820)")
-                from bridge.shadowsocks import parse_uri
-                from bridge.ss_local import overhead
-
-                server_cfg = parse_uri(peer.bridge)
-                plan[i] = {"kind": "ss", "server": (server_cfg.host, server_cfg.port),
-                           "overhead": overhead(peer.bridge, endpoints[i]), "uri": peer.bridge}
-            else:
-                raise ValueError("Bridge must be ss://... or udp2tcp://HOST:PORT")
-        except ValueError as exc:  # bridge.shadowsocks errors are ValueErrors; never echo the URI
+            spec = parse_bridge(peer.bridge)
+            if spec.kind == "ss" and i not in endpoints:
+                raise BridgeError("a peer with Bridge = ss://... needs Endpoint: the WireGuard "
+                                  "endpoint as the bridge server sees it (e.g. 127.0.0.1:51820)")
+            plan[i] = resolve_bridge(spec)
+        except BridgeError as exc:  # never echoes the URI (it may hold a password)
             errors.append((cfg.path, peer.line, f"Bridge: {exc}"))
     if errors:
         raise wgconfig.ConfigError(errors)
     return plan
 
 
-def _start_carrier(journal: Journal, ifname: str, index: int, step: dict, target, fwmark: int) -> tuple[str, int]:
-    """Run a bridge carrier for one peer in the background; returns the local UDP address the
-    daemon must use as that peer's endpoint."""
-    if step["kind"] == "udp2tcp":
-        argv = [sys.executable, "-m", "bridge.udp2tcp", "client", "--listen", "127.0.0.1:0",
-                "--server", "{}:{}".format(*step["server"]) if ":" not in step["server"][0]
-                else "[{}]:{}".format(*step["server"])]
-    else:
-        argv = [sys.executable, "-m", "bridge.ss_local", "--listen", "127.0.0.1:0",
-                "--server-uri", step["uri"], "--target", "{}:{}".format(*target) if ":" not in target[0]
-                else "[{}]:{}".format(*target)]
-    if fwmark:
-        argv += ["--fwmark", str(fwmark)]
-    os.makedirs(BRIDGE_LOG_DIR, mode=0o700, exist_ok=True)
-    log_path = os.path.join(BRIDGE_LOG_DIR, f"{ifname}-bridge{index}.log")
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def set_bridges(ifname: str, changes: list[tuple[bytes, str | None]], *, out=print) -> None:
+    """`wgpy set IFNAME peer KEY bridge URI|off ...` on a running wgpy-daemon (from `wgpy up`,
+    wg-quick with WG_QUICK_USERSPACE_IMPLEMENTATION=wgpy-daemon, or by hand): resolve each
+    bridge's server, send them in one UAPI request (all or nothing), then lower the interface's
+    MTU if a bridge's overhead no longer lets it fit the path to that bridge's server."""
+    peers: dict[bytes, tuple[str, int] | None] = {}
+    fwmark = 0
+    current: bytes | None = None
+    for key, value in control.get_lines(ifname):
+        if key == "public_key":
+            current = bytes.fromhex(value)
+            peers[current] = None
+        elif key == "endpoint" and current is not None:
+            host, _, port = value.rpartition(":")
+            peers[current] = (host.strip("[]"), int(port))
+        elif key == "fwmark":
+            fwmark = int(value)
+    lines: list[str] = []
+    bridged: list[tuple[BridgeSpec, tuple[str, int] | None]] = []
+    for public_key, value in changes:
+        name = base64.b64encode(public_key).decode()
+        if public_key not in peers:
+            raise UpError(f"{ifname} has no peer {name} (add it first, e.g. with `wg set`)")
+        spec = None
+        if value is not None:
+            try:
+                spec = resolve_bridge(parse_bridge(value))
+            except BridgeError as exc:  # never echoes the value: it may hold a password
+                raise UpError(f"bridge for peer {name}: {exc}") from None
+            bridged.append((spec, peers[public_key]))
+        lines += [f"public_key={public_key.hex()}", "update_only=true", f"wgpy_bridge={spec.uri if spec else ''}"]
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True)
-    finally:
-        os.close(fd)
-    journal.record({"cmd": ["kill", str(proc.pid)], "may_fail": True})
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with open(log_path, errors="replace") as f:
-            text = f.read()
-        m = re.search(r"127\.0\.0\.1:(\d+)", text)
-        if m:
-            return ("127.0.0.1", int(m.group(1)))
-        if proc.poll() is not None:
-            raise UpError(f"bridge for peer {index + 1} failed: {text.strip()[-300:]}")
-        time.sleep(0.05)
-    raise UpError(f"bridge for peer {index + 1} did not start (see {log_path})")
+        control.set_config(ifname, lines)
+    except control.ControlError as exc:
+        raise UpError(f"{exc} (bridges need wgpy-daemon; wireguard-go has none)") from None
+    need = min((_bridge_mtu(spec, target, fwmark) for spec, target in bridged), default=None)
+    try:
+        with open(f"/sys/class/net/{ifname}/mtu") as f:
+            mtu = int(f.read())
+    except (OSError, ValueError):
+        return
+    if need is not None and mtu > need:
+        run(["ip", "link", "set", "dev", ifname, "mtu", str(need)])
+        out(f"wgpy: {ifname}: MTU lowered from {mtu} to {need} to fit through the bridge", file=sys.stderr)
+
+
+def _bridge_mtu(spec: BridgeSpec, target: tuple[str, int] | None, fwmark: int) -> int:
+    """The largest tunnel MTU whose datagrams still fit the path to the bridge's server."""
+    path = netconfig.route_mtu_towards(spec.server[0], fwmark) or 1500
+    return path - TUNNEL_OVERHEAD - spec.overhead(target or ("127.0.0.1", 51820))
 
 
 def _wait_for_socket(ifname: str, timeout: float = 10.0) -> None:
@@ -205,15 +222,15 @@ def up(target: str, *, out=print) -> str:
     bridges = bridge_plan(cfg, endpoints)
     iface = cfg.interface
     # Where the encrypted packets really go: the bridge servers for bridged peers.
-    underlay = {**endpoints, **{i: step["server"] for i, step in bridges.items()}}
-    overhead = max((step["overhead"] for step in bridges.values()), default=0)
+    underlay = {**endpoints, **{i: spec.server for i, spec in bridges.items()}}
+    overhead = max((spec.overhead(endpoints.get(i, spec.server)) for i, spec in bridges.items()), default=0)
     if iface.mtu is not None and bridges:
         path = max((netconfig.route_mtu_towards(h) or 1500 for h, _ in underlay.values()), default=1500)
         if iface.mtu + TUNNEL_OVERHEAD + overhead > path:
             raise UpError(f"MTU {iface.mtu} cannot fit: the path to the bridge carries {path} bytes and "
                           f"WireGuard ({TUNNEL_OVERHEAD}) plus the bridge ({overhead}) need the rest; "
                           f"use MTU = {path - TUNNEL_OVERHEAD - overhead} or less")
-    # Full tunnels mark the tunnel's own traffic; the bridge carriers need the mark from the start.
+    # Full tunnels mark the tunnel's own traffic (the bridges' too): chosen before anything runs.
     fwmark = iface.fwmark
     if iface.table == "auto" and any(n.prefixlen == 0 for p in cfg.peers for n in p.allowed_ips) and not fwmark:
         fwmark = DEFAULT_TABLE
@@ -237,10 +254,7 @@ def up(target: str, *, out=print) -> str:
         journal.record({"cmd": ["ip", "link", "del", "dev", ifname], "may_fail": True})
         _wait_for_socket(ifname)
 
-        daemon_endpoints = dict(endpoints)
-        for i, step in bridges.items():
-            daemon_endpoints[i] = _start_carrier(journal, ifname, i, step, endpoints.get(i), fwmark or 0)
-        lines = wgconfig.uapi_set_lines(cfg, daemon_endpoints)
+        lines = wgconfig.uapi_set_lines(cfg, endpoints, {i: spec.uri for i, spec in bridges.items()})
         control.set_config(ifname, lines)
 
         for addr in iface.addresses:

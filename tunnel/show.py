@@ -47,7 +47,11 @@ def format_text(status: InterfaceStatus, now: float) -> str:
         if p.preshared_key:
             lines.append("  preshared key: (hidden)")
         if p.endpoint:
-            lines.append(f"  endpoint: {p.endpoint}")
+            lines.append(f"  endpoint: {p.endpoint}{' (as the bridge server sees it)' if p.bridge else ''}")
+        if p.bridge:
+            state = "connected" if p.bridge_connected else "not connected"
+            lines.append(f"  bridge: {p.bridge}, {state}; {p.bridge_tx_packets} packets sent, "
+                         f"{p.bridge_rx_packets} received, {p.bridge_dropped} dropped")
         lines.append(f"  allowed ips: {', '.join(p.allowed_ips) if p.allowed_ips else '(none)'}")
         if p.latest_handshake:
             lines.append(f"  latest handshake: {ago(int(now) - p.latest_handshake)}")

@@ -40,6 +40,17 @@ After `apply_set` the device may want a tick at once (a persistent keepalive tur
 `device.next_deadline()` -inf): the caller should wake its timer loop.
 
 No key material ever appears in an error message: hex values are never echoed.
+
+wgpy extensions (refused by wireguard-go, which answers an unknown key with EINVAL and closes the
+connection on an unknown operation, so a client learns at once that they are not there):
+    peer key `wgpy_bridge=URI`   carry this peer's datagrams through a bridge (bridge/spec.py:
+                                 ss://... or udp2tcp://IP:PORT, numeric hosts only, as `endpoint=`);
+                                 an empty value removes it. The peer's `endpoint` is then the
+                                 WireGuard endpoint as the bridge server sees it, and it no longer
+                                 roams (see Peer.roaming).
+    operation `get=wgpy`         `get=1`'s reply plus, per peer, `InterfaceSettings.extension_lines`
+                                 (the bridge, its counters). `get=1` stays exactly wireguard-go's
+                                 format, so `wg` and other UAPI clients never see an extension.
 """
 
 from __future__ import annotations
@@ -50,6 +61,8 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Protocol, Union
+
+from bridge.spec import BridgeError, BridgeSpec, parse_bridge
 
 from .noise import crypto
 from .noise.allowedips import Network
@@ -67,6 +80,7 @@ __all__ = [
     "ReplacePeers",
     "Request",
     "RequestReader",
+    "SetBridge",
     "SetEndpoint",
     "SetKeepalive",
     "SetPresharedKey",
@@ -109,7 +123,8 @@ class UapiError(Exception):
 
 
 class InterfaceSettings(Protocol):
-    """What the daemon owns and the protocol only asks for: the UDP port and the fwmark."""
+    """What the daemon owns and the protocol only asks for: the UDP port, the fwmark, and how a
+    peer's datagrams leave (directly, or through a bridge)."""
 
     listen_port: int  # the port actually bound (0 if not bound)
     fwmark: int
@@ -120,13 +135,24 @@ class InterfaceSettings(Protocol):
     def set_fwmark(self, mark: int) -> None:
         """0: none. May raise OSError; then nothing may have changed."""
 
+    def set_endpoint(self, peer, endpoint: tuple[str, int]) -> None:
+        """Set `peer.endpoint` (for a bridged peer: reached through its bridge). Cannot fail."""
 
-Request = tuple[str, Union[list[str], None]]  # ("get", None) | ("set", [line, ...])
+    def set_bridge(self, peer, bridge: BridgeSpec | None) -> None:
+        """Carry the peer's datagrams through `bridge` (None: directly). Cannot fail."""
+
+    def extension_lines(self, peer) -> list[str]:
+        """`key=value` lines about `peer` for `get=wgpy`."""
+
+
+# ("get", None) | ("get-wgpy", None) | ("set", [line, ...])
+Request = tuple[str, Union[list[str], None]]
 
 
 # ---------------------------------------------------------------------------- framing
 
 _OP, _GET_END, _SET = range(3)
+_GET_OPS = {b"get=1": "get", b"get=wgpy": "get-wgpy"}
 
 
 class RequestReader:
@@ -144,6 +170,7 @@ class RequestReader:
         self._lines: list[str] = []
         self._size = 0
         self._failed: UapiError | None = None
+        self._get = "get"
 
     def feed(self, data: bytes) -> list[Request]:
         if self._failed is not None:
@@ -159,10 +186,10 @@ class RequestReader:
                     if start >= len(buf):
                         break
                     if buf[start] != 0x0A:
-                        raise UapiError(EINVAL, "get=1 must be followed by an empty line")
+                        raise UapiError(EINVAL, "get must be followed by an empty line")
                     start += 1
                     self._state = _OP
-                    out.append(("get", None))
+                    out.append((self._get, None))
                     continue
                 nl = buf.find(b"\n", start)
                 if nl < 0:
@@ -186,8 +213,9 @@ class RequestReader:
 
     def _line(self, line: bytes, out: list[Request]) -> None:
         if self._state == _OP:
-            if line == b"get=1":
+            if line in _GET_OPS:
                 self._state = _GET_END
+                self._get = _GET_OPS[line]
             elif line == b"set=1":
                 self._state = _SET
                 self._lines = []
@@ -252,8 +280,9 @@ def _handshake_time(wall: float | None) -> tuple[int, int]:
     return sec, nsec
 
 
-def format_get(device, iface: InterfaceSettings) -> str:
-    """The whole reply to `get=1`, as wireguard-go's IpcGetOperation writes it."""
+def format_get(device, iface: InterfaceSettings, *, extensions: bool = False) -> str:
+    """The whole reply to `get=1`, as wireguard-go's IpcGetOperation writes it; with `extensions`
+    (`get=wgpy`), each peer's `iface.extension_lines` too."""
     out: list[str] = []
     if device.identity is not None:
         out.append(f"private_key={device.identity.private.hex()}")
@@ -277,6 +306,8 @@ def format_get(device, iface: InterfaceSettings) -> str:
         out.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
         for net in device.allowed_ips.prefixes_of(peer):
             out.append(f"allowed_ip={_fmt_prefix(net)}")
+        if extensions:
+            out.extend(iface.extension_lines(peer))
     out.append("errno=0")
     return "\n".join(out) + "\n\n"
 
@@ -305,6 +336,11 @@ class SetEndpoint:
 
 
 @dataclass(frozen=True)
+class SetBridge:
+    bridge: BridgeSpec | None  # None: no bridge
+
+
+@dataclass(frozen=True)
 class SetKeepalive:
     seconds: int
 
@@ -325,7 +361,7 @@ class Remove:
     pass
 
 
-PeerOp = Union[SetPresharedKey, SetEndpoint, SetKeepalive, ReplaceAllowedIPs, AllowedIP, Remove]
+PeerOp = Union[SetPresharedKey, SetEndpoint, SetBridge, SetKeepalive, ReplaceAllowedIPs, AllowedIP, Remove]
 DeviceOp = Union[SetPrivateKey, ReplacePeers]
 
 
@@ -366,7 +402,7 @@ _ZONE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _DEVICE_KEYS = frozenset({"private_key", "listen_port", "fwmark", "replace_peers"})
 _PEER_KEYS = frozenset({
     "update_only", "remove", "preshared_key", "endpoint", "persistent_keepalive_interval",
-    "replace_allowed_ips", "allowed_ip", "protocol_version",
+    "replace_allowed_ips", "allowed_ip", "protocol_version", "wgpy_bridge",
 })
 
 
@@ -453,6 +489,15 @@ def _endpoint(value: str) -> tuple[str, int]:
     return _fmt_ip(addr), port
 
 
+def _bridge(value: str) -> BridgeSpec | None:
+    if not value:
+        return None
+    try:
+        return parse_bridge(value, numeric=True)
+    except BridgeError as e:  # never quotes the value: an ss:// URI holds a password
+        raise _Bad(str(e)) from None
+
+
 def _allowed_ip(value: str) -> AllowedIP:
     """`[-]addr/bits` (Go's netip.ParsePrefix: no zone, bits without sign or leading zero);
     host bits are cleared, as wireguard-go's trie does."""
@@ -527,6 +572,8 @@ def parse_set(lines: list[str]) -> SetTransaction:
                     op = SetEndpoint(_endpoint(value))
                 elif key == "persistent_keepalive_interval":
                     op = SetKeepalive(_uint(value, 65535))
+                elif key == "wgpy_bridge":
+                    op = SetBridge(_bridge(value))
                 elif key == "replace_allowed_ips":
                     _true(value)
                     op = ReplaceAllowedIPs()
@@ -631,7 +678,9 @@ def apply_set(tx: SetTransaction, device, iface: InterfaceSettings) -> None:
                 else:
                     device.add_allowed_ip(peer, op.network)
             elif isinstance(op, SetEndpoint):
-                peer.endpoint = op.endpoint
+                iface.set_endpoint(peer, op.endpoint)
+            elif isinstance(op, SetBridge):
+                iface.set_bridge(peer, op.bridge)
             elif isinstance(op, SetPresharedKey):
                 device.set_preshared_key(peer, op.key)
             elif isinstance(op, SetKeepalive):
@@ -655,6 +704,8 @@ def handle(
     try:
         if kind == "get":
             return format_get(device, iface)
+        if kind == "get-wgpy":
+            return format_get(device, iface, extensions=True)
         if kind == "set" and body is not None:
             apply_set(parse_set(body), device, iface)
             return "errno=0\n\n"

@@ -71,14 +71,15 @@ Bridge = udp2tcp://10.220.0.1:443
     before = snapshot(c)
     wgpy(c, "up", c_path, check=True)
     r = c.run(["ping", "-c", "3", "-i", "0.2", "-W", "3", "10.221.0.1"], check=False)
-    with open(f"/var/log/wgpy/{c_if}-bridge0.log") as f:
+    with open(f"/var/log/wgpy/{c_if}.log") as f:
         log = f.read()
     assert r.returncode == 0, r.stdout + r.stderr + log
     show = wgpy(c, "show", c_if, check=True).stdout
-    assert "endpoint: 127.0.0.1:" in show and "latest handshake" in show
+    assert "endpoint: 127.0.0.1:51820 (as the bridge server sees it)" in show, show
+    assert "bridge: udp2tcp://10.220.0.1:443, connected;" in show and "latest handshake" in show, show
     wgpy(c, "down", c_path, check=True)
     assert snapshot(c) == before
-    # the carrier and the daemon are gone with the tunnel
+    # the daemon (and the carrier inside it) is gone with the tunnel
     deadline = time.monotonic() + 5
     while subprocess.run(["ip", "netns", "pids", c.name], capture_output=True, text=True).stdout.strip():
         assert time.monotonic() < deadline, "processes left in the client namespace after down"
@@ -118,7 +119,7 @@ AllowedIPs = 10.222.0.1/32
 Bridge = carrier-pigeon://x
 """)
     r = wgpy(c, "up", path)
-    assert r.returncode == 1 and f"{path}:4:" in r.stderr and "Bridge" in r.stderr, r.stderr
+    assert r.returncode == 1 and f"{path}:7: Bridge:" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("method", ["chacha20-ietf-poly1305", "aes-256-gcm", "aes-128-gcm"])

@@ -87,7 +87,7 @@ PersistentKeepalive = 25
 PublicKey = {K2}
 AllowedIPs = 0.0.0.0/0, ::/0
 Endpoint = vpn.example.com:51821
-Bridge = ss://aes-256-gcm:secret@203.0.113.9:8388|udp2tcp://203.0.113.9:443
+Bridge = ss://aes-256-gcm:secret@203.0.113.9:8388
 
 [Peer]
 PublicKey = {K3}
@@ -128,7 +128,7 @@ def test_full_config_fields():
     assert p1.bridge is None
     assert (p2.public_key, p2.preshared_key, p2.line) == (PUB2, None, 25)
     assert p2.endpoint == ("vpn.example.com", 51821)
-    assert p2.bridge == "ss://aes-256-gcm:secret@203.0.113.9:8388|udp2tcp://203.0.113.9:443"
+    assert p2.bridge == "ss://aes-256-gcm:secret@203.0.113.9:8388"
     assert p2.persistent_keepalive is None
     assert (p3.public_key, p3.endpoint, p3.persistent_keepalive, p3.allowed_ips, p3.line) == (
         PUB3, ("192.0.2.7", 4500), None, [], 31)
@@ -389,7 +389,10 @@ ERROR_CASES = [
     (IFACE + P1 + "Endpoint = 192.0.2.1:1\nEndpoint = 192.0.2.1:2\n", 6, ["Endpoint is given twice"]),
     (IFACE + P1 + "PersistentKeepalive = 1\nPersistentKeepalive = 1\n", 6, ["PersistentKeepalive is given twice"]),
     (IFACE + P1 + f"PresharedKey = {K_PSK}\nPresharedKey = {K_PSK}\n", 6, ["PresharedKey is given twice"]),
-    (IFACE + P1 + "Bridge = a\nBridge = b\n", 6, ["Bridge is given twice"]),
+    (IFACE + P1 + "Bridge = udp2tcp://h:1\nBridge = udp2tcp://h:2\n", 6, ["Bridge is given twice"]),
+    (IFACE + P1 + "Bridge = socks5://h:1\n", 5, ["Bridge: expected ss://"]),
+    (IFACE + P1 + "Bridge = udp2tcp://h\n", 5, ["Bridge: udp2tcp:// needs HOST:PORT"]),
+    (IFACE + P1 + "Bridge = ss://rc4:pw@h:1\n", 5, ["Bridge:", "method"]),
 ]
 
 
@@ -794,6 +797,12 @@ def configs(draw):
         post_down=draw(st.lists(hook, max_size=2)),
         save_config=draw(st.booleans()),
     )
+    bridge_host = st.sampled_from(["bridge.example", "b-1.example.net"]) | st.ip_addresses(v=4).map(str)
+    bridge_value = st.one_of(
+        st.builds("udp2tcp://{}:{}".format, bridge_host, st.integers(1, 65535)),
+        st.builds("ss://{}:{}@{}:{}".format, st.sampled_from(["aes-256-gcm", "chacha20-ietf-poly1305"]),
+                  st.text("abcXYZ019-_.~", min_size=1, max_size=20), bridge_host, st.integers(1, 65535)),
+    )
     pubs = draw(st.lists(keys32, max_size=5, unique=True))
     peers = [
         PeerConfig(
@@ -802,7 +811,7 @@ def configs(draw):
             allowed_ips=draw(st.lists(st.one_of(ipv4_net, ipv6_net), max_size=4)),
             endpoint=draw(st.none() | endpoint),
             persistent_keepalive=draw(st.none() | st.integers(0, 65535)),
-            bridge=draw(st.none() | hook),
+            bridge=draw(st.none() | bridge_value),
         )
         for pk in pubs
     ]

@@ -308,6 +308,37 @@ def test_roaming_follows_authenticated_source():
     assert p.pb.endpoint == new_ep
 
 
+def test_pinned_endpoint_does_not_roam():
+    """A peer pinned to a path (a bridge) keeps its endpoint whatever source its authenticated
+    packets come from, and handshake responses go to the endpoint, not to the source."""
+    p = Pair()
+    p.pa.roaming = False
+    elsewhere = ("203.0.113.7", 40000)  # b reaches a another way
+    init = [d for d, _ in p.b.outbound([ip4("10.9.0.2", "10.9.0.1")], p.now)]
+    assert init and init[0][0] == 1
+    res = p.a.inbound([(init[0], elsewhere)], p.now)
+    assert [(d[0], ep) for d, ep in res.to_net] == [(2, EP_B)]
+    assert p.pa.endpoint == EP_B
+    # The session works, and authentic data from elsewhere does not move the endpoint either.
+    res = p.b.inbound([(res.to_net[0][0], EP_A)], p.now)
+    for data, _ in res.to_net:
+        p.a.inbound([(data, elsewhere)], p.now)
+    p.send_b(ip4("10.9.0.2", "10.9.0.1", b"data"))
+    assert p.pa.endpoint == EP_B
+    p.addr["b"] = elsewhere
+    p.send_b(ip4("10.9.0.2", "10.9.0.1", b"moved"))
+    assert p.tun["a"][-1].endswith(b"moved")  # accepted: it is authentic
+    assert p.pa.endpoint == EP_B
+
+
+def test_pinned_endpoint_without_endpoint_answers_nothing():
+    p = Pair(b_endpoint_of_a=None)
+    p.pb.roaming = False
+    p.send_a()
+    assert p.tun["b"] == [] and p.pb.endpoint is None
+    assert p.b.drops[Drop.NO_ENDPOINT] == 1
+
+
 def test_responder_without_endpoint_learns_it():
     p = Pair(b_endpoint_of_a=None)
     p.send_a()

@@ -33,6 +33,7 @@ class FakeIface:
         self.calls: list[tuple[str, int]] = []
         self.port_error: OSError | None = None
         self.mark_error: OSError | None = None
+        self.bridges: dict = {}
 
     def set_listen_port(self, port: int) -> None:
         self.calls.append(("port", port))
@@ -45,6 +46,16 @@ class FakeIface:
         if self.mark_error is not None:
             raise self.mark_error
         self.fwmark = mark
+
+    def set_endpoint(self, peer, endpoint) -> None:
+        peer.endpoint = endpoint
+
+    def set_bridge(self, peer, bridge) -> None:
+        self.bridges[peer.public_key] = bridge
+
+    def extension_lines(self, peer) -> list[str]:
+        bridge = self.bridges.get(peer.public_key)
+        return [f"wgpy_bridge={bridge.uri}"] if bridge else []
 
 
 def new_device(private: bytes | None = PRIV) -> Device:

@@ -52,7 +52,7 @@ from .handshake import (
     create_response,
     derive_transport_keys,
 )
-from .messages import COOKIE_RECEIVER, INIT_SENDER, RESP_RECEIVER, RESP_SENDER, TRANSPORT_HEADER, U32, u32
+from .messages import COOKIE_RECEIVER, INIT_SENDER, RESP_RECEIVER, RESP_SENDER, TRANSPORT_HEADER, u32
 from .peer import Endpoint, Peer
 from .ratelimit import RateLimiter
 from .session import Keypair
@@ -504,7 +504,8 @@ class Device:
 
             # Authenticated from here on.
             peer = kp.peer
-            peer.endpoint = src  # roaming: follow the peer to wherever it now sends from
+            if peer.roaming:  # follow the peer to wherever it now sends from
+                peer.endpoint = src
             peer.rx_bytes += n
             if kp is peer.keypairs.next:
                 self._retire([r] if (r := peer.keypairs.confirm(kp)) else [])
@@ -601,7 +602,8 @@ class Device:
                 self.drops[Drop.BAD_INITIATION] += 1
                 return
             peer = self.peers[hs.remote_static]
-            peer.endpoint = src
+            if peer.roaming:
+                peer.endpoint = src
             peer.rx_bytes += size
             timers = peer.timers
             timers.any_authenticated_packet_traversal(now)
@@ -621,7 +623,11 @@ class Device:
             hs.last_sent_handshake = now
             timers.any_authenticated_packet_traversal(now)
             timers.any_authenticated_packet_sent(now)
-            out.append((bytes(msg), src))
+            dest = src if peer.roaming else peer.endpoint
+            if dest is None:  # pinned to a path with no endpoint yet: nowhere to answer
+                self.drops[Drop.NO_ENDPOINT] += 1
+                return
+            out.append((bytes(msg), dest))
             peer.tx_bytes += RESPONSE_SIZE
             self.stats["responses sent"] += 1
             return
@@ -636,7 +642,8 @@ class Device:
         if not consume_response(identity, data, peer.handshake):
             self.drops[Drop.BAD_RESPONSE] += 1
             return
-        peer.endpoint = src
+        if peer.roaming:
+            peer.endpoint = src
         peer.rx_bytes += size
         timers = peer.timers
         timers.any_authenticated_packet_traversal(now)

@@ -21,6 +21,7 @@ class Peer:
         "timers",
         "cookie",
         "endpoint",
+        "roaming",
         "staged",
         "rx_bytes",
         "tx_bytes",
@@ -42,6 +43,10 @@ class Peer:
         self.timers = PeerTimers(jitter)
         self.cookie = CookieGenerator(public_key)
         self.endpoint: Endpoint | None = None
+        # Follow the peer to the source address of its authenticated packets. Off for a peer
+        # pinned to a path (a bridge): a packet arriving another way must not move our replies
+        # off that path, and replies to its handshakes go to `endpoint`, not to the source.
+        self.roaming = True
         # Packets waiting for a session, oldest first (bounded by the device).
         self.staged: deque[bytes] = deque()
         self.rx_bytes = 0
