@@ -119,27 +119,32 @@ BRIDGE_PASSWORD = "bench-only-password"
 BRIDGE_MTU = 1365
 
 
+WGPY = str(Path(sys.executable).with_name("wgpy"))
+BRIDGE_URI = f"ss://{BRIDGE_METHOD}:{BRIDGE_PASSWORD}@10.231.0.2:8388"
+
+
 def _start_bridge(lab: "Lab", bridge: str) -> str:
-    """A Shadowsocks bridge between the namespaces: returns the local endpoint side a's WireGuard
-    must use. "libev": ss-tunnel + ss-server; "wgpy": bridge.ss_local + wgpy bridge serve."""
-    wgpy = str(Path(sys.executable).with_name("wgpy"))
+    """A Shadowsocks bridge between the namespaces: returns the endpoint side a's WireGuard must
+    use. "libev": ss-tunnel (a local port) + ss-server; "wgpy": `wgpy bridge serve`, and side a's
+    wgpy-daemon carries its datagrams itself (`wgpy set ... bridge`), so the endpoint is the
+    WireGuard port as the server sees it."""
     if bridge == "libev":
         server = ["ss-server", "-s", "10.231.0.2", "-p", "8388", "-k", BRIDGE_PASSWORD, "-m", BRIDGE_METHOD, "-U"]
         client = ["ss-tunnel", "-s", "10.231.0.2", "-p", "8388", "-k", BRIDGE_PASSWORD, "-m", BRIDGE_METHOD,
                   "-b", "127.0.0.1", "-l", "51999", "-L", "127.0.0.1:51821", "-U"]
+        procs = ((1, server, 8388), (0, client, 51999))
     else:
-        uri = f"ss://{BRIDGE_METHOD}:{BRIDGE_PASSWORD}@"
-        server = [wgpy, "bridge", "serve", "--listen", uri + "10.231.0.2:8388", "--allow", "127.0.0.1:51821"]
-        client = [sys.executable, "-m", "bridge.ss_local", "--listen", "127.0.0.1:51999",
-                  "--server-uri", uri + "10.231.0.2:8388", "--target", "127.0.0.1:51821"]
-    for side, argv, port in ((1, server, 8388), (0, client, 51999)):
+        server = [WGPY, "bridge", "serve", "--listen", f"ss://{BRIDGE_METHOD}:{BRIDGE_PASSWORD}@10.231.0.2:8388",
+                  "--allow", "127.0.0.1:51821"]
+        procs = ((1, server, 8388),)
+    for side, argv, port in procs:
         lab.procs.append(subprocess.Popen(lab.exec(side, *argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 10
         while f":{port} " not in _run(*lab.exec(side, "ss", "-Hlun"), check=False).stdout:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"bridge ({bridge}) did not start: {argv[0]}")
             time.sleep(0.05)
-    return "127.0.0.1:51999"
+    return "127.0.0.1:51999" if bridge == "libev" else "127.0.0.1:51821"
 
 
 def measure_pair(left: str, right: str, seconds: int, bridge: str | None = None) -> list[Figure]:
@@ -169,6 +174,8 @@ def measure_pair(left: str, right: str, seconds: int, bridge: str | None = None)
             _run(*lab.exec(side, "wg", "setconf", names[side], conf))
             _run("ip", "-n", lab.ns[side], "addr", "add", f"10.232.0.{side + 1}/24", "dev", names[side])
             _run("ip", "-n", lab.ns[side], "link", "set", names[side], "mtu", mtu, "up")
+        if bridge == "wgpy":
+            _run(*lab.exec(0, WGPY, "set", names[0], "peer", encode_base64_key(public_key(kb)), "bridge", BRIDGE_URI))
         _run(*lab.exec(0, "ping", "-c", "1", "-W", "5", "10.232.0.2"))
         for reverse in (False, True):
             mbps, retr = lab.iperf(1, 0, "10.232.0.2", seconds, reverse)

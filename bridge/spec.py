@@ -42,16 +42,19 @@ class BridgeSpec:
             return False
 
     def overhead(self, target: Any) -> int:
-        """Bytes one datagram to `target` grows by on its way to the server (outer IP/UDP headers
-        not counted). udp2tcp: 0, since TCP segments to the path whatever the datagram size."""
+        """Bytes a datagram grows by between us and the server, in the larger of the two directions
+        (outer IP/UDP headers not counted; replies carry `target` as their source). udp2tcp: 0,
+        since TCP segments to the path whatever the datagram size."""
         if self.kind == "udp2tcp":
             return 0
-        from .shadowsocks import ShadowsocksError, Udp2022Client, parse_uri
+        from .shadowsocks import ShadowsocksError, Udp2022Client, Udp2022Server, parse_uri
 
         cipher = parse_uri(self.uri).cipher()
         try:
             if cipher.method.is_2022:
-                return Udp2022Client(cipher).overhead(tuple(target), padding=0)
+                # The larger direction: replies carry the client's session id as well.
+                return max(Udp2022Client(cipher).overhead(tuple(target), padding=0),
+                           Udp2022Server(cipher).overhead(tuple(target), padding=0))
             return cipher.udp_overhead(tuple(target))
         except ShadowsocksError as exc:
             raise BridgeError(str(exc)) from None
