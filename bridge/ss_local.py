@@ -19,7 +19,10 @@ Same shape as bridge.udp2tcp's LocalForwarder:
   * stdlib non-blocking sockets + trio.lowlevel.wait_readable, each wakeup drains up to BATCH
     datagrams.
 
-MTU: every WireGuard datagram grows by `overhead(server_uri, target)` bytes on the way to the
+For wireguard-go or the kernel module; wgpy-daemon carries a bridge itself (bridge/carrier.py,
+`wgpy set IFNAME peer KEY bridge URI`).
+
+MTU: every WireGuard datagram grows by up to `overhead(server_uri, target)` bytes on the way to the
 server (AEAD-2017: salt + SOCKS address + tag; 2022: separate header + tag + main header +
 address, no padding since WireGuard never sends an empty datagram). Lower the tunnel MTU by that
 much; the outer packet is then `overhead + 28` (IPv4+UDP) bytes bigger than the WireGuard
@@ -45,6 +48,7 @@ import trio
 from .shadowsocks import Cipher, ShadowsocksError, Udp2022Client, parse_uri
 from .shadowsocks.errors import AuthenticationError, ReplayError
 from .netio import Drops, errname, exit_code, format_address, resolve, split_hostport
+from .spec import BridgeError, parse_bridge
 
 log = logging.getLogger("wgpy.ss_local")
 
@@ -75,14 +79,12 @@ def _cipher(server_uri: str) -> tuple[Any, Cipher]:
 
 
 def overhead(server_uri: str, target: Any) -> int:
-    """Bytes one datagram to `target` grows by inside a Shadowsocks UDP packet for the server in
-    `server_uri` (not counting the outer IP/UDP headers: add 28 for IPv4, 48 for IPv6)."""
-    _, cipher = _cipher(server_uri)
+    """What the tunnel MTU must leave for this bridge (bridge.spec.BridgeSpec.overhead: the larger
+    direction, outer IP/UDP headers not counted: add 28 for IPv4, 48 for IPv6)."""
+    _cipher(server_uri)  # the same checks and errors as the forwarder
     try:
-        if cipher.method.is_2022:
-            return Udp2022Client(cipher).overhead(tuple(target), padding=0)
-        return cipher.udp_overhead(tuple(target))
-    except ShadowsocksError as exc:
+        return parse_bridge(server_uri).overhead(target)
+    except BridgeError as exc:
         raise UsageError(str(exc)) from None
 
 
