@@ -169,6 +169,7 @@ Endpoint = 127.0.0.1:51820
     netlab.defer(lambda: c.link_exists(ifname) and wg_quick("down"))
     assert up.returncode == 0, up.stdout + up.stderr
     # wg-quick took the MTU of the route to 127.0.0.1 (loopback); wgpy set brought it back.
+    assert "MTU lowered from 65456 to 1420" in up.stderr, up.stderr
     assert _mtu(c, ifname) == 1420, up.stderr
     ping = _ping(c, "10.234.0.1")
     assert ping.returncode == 0, ping.stdout + ping.stderr + up.stderr + server.log()
