@@ -250,3 +250,65 @@ def test_wireguard_go_and_ss_tunnel_to_wgpy_bridge_serve(netlab):
         print(f"\n[ss-tunnel -> wgpy bridge serve] iperf3 {'<-' if reverse else '->'}: {mbps:.1f} Mbit/s")
         assert mbps > MIN_MBPS
     assert server.dump()["peers"][client.keys.public_b64]["latest_handshake"] > 0
+
+
+def test_full_tunnel_through_a_bridge_leaks_nothing(netlab):
+    """Client (0.0.0.0/0) with Bridge = ss:// -> wgpy bridge serve -> wgpy up -> a host behind it.
+    The bridge server is reachable only through the client's default route, so only the carrier's
+    fwmark keeps its packets out of the tunnel; and nothing but the carrier's packets leaves the
+    client's link."""
+    from .test_quick import isolated_resolv_conf
+
+    c, s, h = netlab.netns("ftc"), netlab.netns("fts"), netlab.netns("fth")
+    netlab.veth(c, s, addrs_a=["10.240.0.2/24"], addrs_b=["10.240.0.1/24"])
+    netlab.veth(s, h, addrs_a=["192.168.240.1/24"], addrs_b=["192.168.240.2/24"])
+    s.ip("addr", "add", "10.241.0.1/32", "dev", "lo")  # the bridge: only via c's default route
+    c.ip("route", "add", "default", "via", "10.240.0.1")
+    s.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+    h.ip("route", "add", "10.242.0.0/24", "via", "192.168.240.1")
+    isolated_resolv_conf(netlab, c, "nameserver 192.0.2.53\n")
+    kc, ks = Keys(), Keys()
+    c_if, s_if = unique_ifname("wgfc"), unique_ifname("wgfs")
+    s_path = write_conf(netlab, s_if, f"""[Interface]
+PrivateKey = {ks.private_b64}
+ListenPort = 51820
+Address = 10.242.0.1/24
+
+[Peer]
+PublicKey = {kc.public_b64}
+AllowedIPs = 10.242.0.2/32
+""")
+    c_path = write_conf(netlab, c_if, f"""[Interface]
+PrivateKey = {kc.private_b64}
+Address = 10.242.0.2/24
+
+[Peer]
+PublicKey = {ks.public_b64}
+AllowedIPs = 0.0.0.0/0
+Endpoint = 127.0.0.1:51820
+Bridge = ss://aes-256-gcm:full-tunnel-pw@10.241.0.1:8388
+""")
+    wgpy(s, "up", s_path, check=True)
+    s.popen([WGPY, "bridge", "serve", "--listen", "ss://aes-256-gcm:full-tunnel-pw@10.241.0.1:8388",
+             "--allow", "127.0.0.1:51820"])
+    _wait_listening(s, 8388)
+    before = snapshot(c)
+    # Counts every packet that leaves by the link (not the loopback, not the tunnel) for anything
+    # but the bridge server.
+    c.run(["nft", "-f", "-"], input=f"""table inet leak {{
+  chain out {{ type filter hook output priority 0; oifname != {{ "lo", "{c_if}" }} ip daddr != 10.241.0.1 counter; }}
+}}
+""")
+    wgpy(c, "up", c_path, check=True)
+    r = c.run(["ping", "-n", "-c", "3", "-i", "0.2", "-W", "3", "192.168.240.2"], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"dev {c_if}" in c.run(["ip", "route", "get", "192.168.240.2"]).stdout
+    # Everything that left the client's link went to the bridge server (the ping's packets went
+    # into the tunnel, whose only exit is the bridge).
+    leak = c.run(["nft", "list", "table", "inet", "leak"]).stdout
+    assert "counter packets 0 " in leak, leak
+    wgpy(c, "down", c_path, check=True)
+    wgpy(s, "down", s_path, check=True)
+    c.run(["nft", "delete", "table", "inet", "leak"])
+    after = snapshot(c)
+    assert after == before, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
