@@ -238,8 +238,13 @@ class Udp2TcpCarrier(Carrier):
         return self.client.connected
 
     def send(self, datagram: bytes, endpoint: BridgedEndpoint) -> None:
+        from .udp2tcp import DatagramTooLarge
+
         self._source = endpoint
-        self.client.send(datagram)  # never blocks; drops counted by the client
+        try:
+            self.client.send(datagram)  # never blocks; drops counted by the client
+        except DatagramTooLarge:  # over the u16 frame: an interface MTU above 65503
+            self.drops.add("datagram too large for udp2tcp")
 
     def _on_datagrams(self, datagrams: list[bytes]) -> None:
         source = self._source
@@ -256,6 +261,7 @@ class Udp2TcpCarrier(Carrier):
     def statistics(self) -> dict:
         stats = self.client.statistics()
         return {"bridge": self.spec.redacted(), "connected": stats.connected, "sent": stats.sent,
-                "received": stats.received, "dropped": stats.dropped,
-                "drop_reasons": stats.drop_reasons, "reconnects": stats.reconnects}
+                "received": stats.received, "dropped": stats.dropped + self.drops.total,
+                "drop_reasons": {**stats.drop_reasons, **self.drops.reasons},
+                "reconnects": stats.reconnects}
 

@@ -17,7 +17,7 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .netio import format_address, split_hostport
+from .netio import format_address
 
 Address = tuple[str, int]
 
@@ -80,24 +80,26 @@ def parse_bridge(value: str, *, numeric: bool = False) -> BridgeSpec:
     scheme = scheme.lower()
     if not sep:
         raise BridgeError("expected ss://... or udp2tcp://HOST:PORT")
+    from .shadowsocks import ShadowsocksError, format_uri, parse_uri
+    from .shadowsocks.uri import split_host_port
+
     if scheme == "udp2tcp":
         try:
-            host, port = split_hostport(rest.rstrip("/"))
-        except ValueError:
-            raise BridgeError("udp2tcp:// needs HOST:PORT") from None
-        if port == 0:
-            raise BridgeError("udp2tcp:// needs a port in 1..65535")
+            host, port = split_host_port(rest[:-1] if rest.endswith("/") else rest, "udp2tcp://")
+        except ShadowsocksError as exc:  # names the part that is wrong, quotes nothing
+            raise BridgeError(f"{exc} (expected udp2tcp://HOST:PORT)") from None
         spec = BridgeSpec("udp2tcp", (host, port), f"udp2tcp://{format_address((host, port))}")
     elif scheme == "ss":
-        from .shadowsocks import ShadowsocksError, format_uri, parse_uri
-
         try:
             config = parse_uri(value)
+            uri = format_uri(config)
         except ShadowsocksError as exc:  # messages never contain the password
             raise BridgeError(str(exc)) from None
+        except UnicodeError:  # undecodable bytes in the password (a file read with surrogateescape)
+            raise BridgeError("ss URI: the password is not valid UTF-8") from None
         if config.plugin:
             raise BridgeError("ss URI: plugins are not supported")
-        spec = BridgeSpec("ss", (config.host, config.port), format_uri(config), config.method)
+        spec = BridgeSpec("ss", (config.host, config.port), uri, config.method)
     else:
         raise BridgeError("expected ss://... or udp2tcp://HOST:PORT")
     if numeric and not spec.numeric:

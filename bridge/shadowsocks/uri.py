@@ -61,51 +61,53 @@ def _b64decode_lenient(text: str) -> bytes | None:
         return None
 
 
-def _check_host(host: str) -> str:
+def _check_host(host: str, what: str) -> str:
     """The host as a ServerConfig holds it (IPv6 without brackets)."""
     if not host:
-        raise UriError("ss URI: the host is empty")
+        raise UriError(f"{what}: the host is empty")
     if host.startswith("["):
         if not host.endswith("]"):
-            raise UriError("ss URI: unclosed '[' around the IPv6 host")
+            raise UriError(f"{what}: unclosed '[' around the IPv6 host")
         inner = host[1:-1]
         try:
             return str(ipaddress.IPv6Address(inner))
         except ValueError:
-            raise UriError("ss URI: the host in brackets is not an IPv6 address") from None
+            raise UriError(f"{what}: the host in brackets is not an IPv6 address") from None
     if ":" in host:
-        raise UriError("ss URI: an IPv6 host must be in brackets, e.g. [2001:db8::1]:8388")
+        raise UriError(f"{what}: an IPv6 host must be in brackets, e.g. [2001:db8::1]:8388")
     try:
         return str(ipaddress.IPv4Address(host))
     except ValueError:
         pass
     name = host[:-1] if host.endswith(".") else host
     if len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
-        raise UriError("ss URI: the host is not a valid host name or IP address")
+        raise UriError(f"{what}: the host is not a valid host name or IP address")
     return host
 
 
-def _split_host_port(hostport: str) -> tuple[str, int]:
+def split_host_port(hostport: str, what: str = "ss URI") -> tuple[str, int]:
+    """"host:port" / "[v6]:port" -> (host without brackets, port 1..65535), strictly: a valid host
+    name or IP address, ASCII digits. Errors start with `what` and quote nothing."""
     if hostport.startswith("["):
         close = hostport.find("]")
         if close < 0:
-            raise UriError("ss URI: unclosed '[' around the IPv6 host")
+            raise UriError(f"{what}: unclosed '[' around the IPv6 host")
         host, rest = hostport[:close + 1], hostport[close + 1:]
         if not rest.startswith(":"):
-            raise UriError("ss URI: missing ':port' after the host")
+            raise UriError(f"{what}: missing ':port' after the host")
         port_text = rest[1:]
     else:
         host, sep, port_text = hostport.rpartition(":")
         if not sep:
-            raise UriError("ss URI: missing ':port' after the host")
+            raise UriError(f"{what}: missing ':port' after the host")
         if ":" in host:
-            raise UriError("ss URI: an IPv6 host must be in brackets, e.g. [2001:db8::1]:8388")
+            raise UriError(f"{what}: an IPv6 host must be in brackets, e.g. [2001:db8::1]:8388")
     if not _PORT.match(port_text):
-        raise UriError("ss URI: the port is not a number")
+        raise UriError(f"{what}: the port is not a number")
     port = int(port_text)
     if not 1 <= port <= 65535:
-        raise UriError("ss URI: the port is out of range 1..65535")
-    return _check_host(host), port
+        raise UriError(f"{what}: the port is out of range 1..65535")
+    return _check_host(host, what), port
 
 
 def _check_credentials(method: str, password: str) -> tuple[str, str]:
@@ -200,7 +202,7 @@ def _parse(rest: str) -> ServerConfig:
             raise UriError("ss URI: the user info (method and password) is empty")
         method, password = _split_userinfo(userinfo)
     method, password = _check_credentials(method, password)
-    host, port = _split_host_port(hostport)
+    host, port = split_host_port(hostport)
     plugin = None
     if query:
         try:

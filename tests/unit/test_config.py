@@ -391,7 +391,7 @@ ERROR_CASES = [
     (IFACE + P1 + f"PresharedKey = {K_PSK}\nPresharedKey = {K_PSK}\n", 6, ["PresharedKey is given twice"]),
     (IFACE + P1 + "Bridge = udp2tcp://h:1\nBridge = udp2tcp://h:2\n", 6, ["Bridge is given twice"]),
     (IFACE + P1 + "Bridge = socks5://h:1\n", 5, ["Bridge: expected ss://"]),
-    (IFACE + P1 + "Bridge = udp2tcp://h\n", 5, ["Bridge: udp2tcp:// needs HOST:PORT"]),
+    (IFACE + P1 + "Bridge = udp2tcp://h\n", 5, ["Bridge: udp2tcp://: missing ':port'"]),
     (IFACE + P1 + "Bridge = ss://rc4:pw@h:1\n", 5, ["Bridge:", "method"]),
 ]
 

@@ -791,3 +791,220 @@ def test_fuzz_apply_matches_line_by_line_model(lines):
     private, port, mark, rows = state(dev, iface)
     got = private, port, mark, tuple((*row[:4], frozenset(row[4])) for row in rows)
     assert got == model_apply(before, lines)
+
+
+# ---------------------------------------------------------------------------- wgpy extensions
+
+import base64 as _base64  # noqa: E402
+
+from bridge.spec import parse_bridge  # noqa: E402
+from tunnel.uapi import SetBridge, SetEndpoint  # noqa: E402
+
+SS_PASSWORD = "uapi-bridge-secret-pw"
+SS_USERINFO = _base64.urlsafe_b64encode(f"aes-256-gcm:{SS_PASSWORD}".encode()).decode().rstrip("=")
+SS_BRIDGE = f"ss://{SS_USERINFO}@192.0.2.10:8388"
+SS_BRIDGE_V6 = f"ss://aes-128-gcm:{SS_PASSWORD}@[2001:db8::10]:8388"
+SS_2022_PSK = _base64.b64encode(bytes(range(32))).decode()
+SS_BRIDGE_2022 = f"ss://2022-blake3-aes-256-gcm:{SS_2022_PSK.replace('+', '%2B').replace('/', '%2F')}@192.0.2.12:443"
+UDP2TCP_BRIDGE = "udp2tcp://192.0.2.11:443"
+UDP2TCP_BRIDGE_V6 = "udp2tcp://[2001:db8::11]:443"
+
+
+class RecordingIface(FakeIface):
+    """FakeIface that also records the peer-level calls, in order."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.peer_calls: list[tuple] = []
+
+    def set_endpoint(self, peer, endpoint) -> None:
+        self.peer_calls.append(("endpoint", peer.public_key, endpoint))
+        super().set_endpoint(peer, endpoint)
+
+    def set_bridge(self, peer, bridge) -> None:
+        self.peer_calls.append(("bridge", peer.public_key, bridge))
+        super().set_bridge(peer, bridge)
+
+
+def bridged() -> tuple[Device, RecordingIface]:
+    dev, _ = configured()
+    iface = RecordingIface(51820, 0x1234)
+    return dev, iface
+
+
+@pytest.mark.parametrize("value", [SS_BRIDGE, SS_BRIDGE_V6, SS_BRIDGE_2022, UDP2TCP_BRIDGE, UDP2TCP_BRIDGE_V6])
+def test_wgpy_bridge_parses_numeric_bridges(value):
+    tx = parse_set([f"public_key={PK1.hex()}", f"wgpy_bridge={value}"])
+    [section] = tx.peers
+    assert section.ops == (SetBridge(parse_bridge(value, numeric=True)),)
+    spec = section.ops[0].bridge
+    assert spec.numeric and spec.kind == ("udp2tcp" if value.startswith("udp2tcp") else "ss")
+
+
+def test_wgpy_bridge_empty_value_removes():
+    tx = parse_set([f"public_key={PK1.hex()}", "wgpy_bridge="])
+    assert tx.peers[0].ops == (SetBridge(None),)
+
+
+@pytest.mark.parametrize("value", [
+    f"ss://{SS_USERINFO}@bridge.example.com:8388",
+    f"ss://aes-256-gcm:{SS_PASSWORD}@bridge.example.com:8388",
+    "udp2tcp://relay.example.com:443",
+])
+def test_wgpy_bridge_host_name_refused(value):
+    lines = [f"private_key={PRIV.hex()}", f"public_key={PK1.hex()}", "allowed_ip=10.0.0.0/8",
+             f"wgpy_bridge={value}"]
+    with pytest.raises(UapiError) as exc:
+        parse_set(lines)
+    assert exc.value.errno == errno.EINVAL
+    message = exc.value.message
+    assert message.startswith("line 4: ")
+    assert "wgpy_bridge" in message
+    assert "IP address" in message
+    assert SS_PASSWORD not in str(exc.value) and SS_USERINFO[:16] not in str(exc.value)
+    assert "example.com" not in message  # the value is never quoted
+
+
+@pytest.mark.parametrize("value", [
+    f"ss://{SS_USERINFO}@192.0.2.10:0",
+    f"ss://{SS_USERINFO}@192.0.2.10:8388/?plugin=obfs-local",
+    f"ss://rc4-md5:{SS_PASSWORD}@192.0.2.10:8388",
+    f"ss://{SS_PASSWORD}@192.0.2.10:8388",
+    f"ss://2022-blake3-aes-256-gcm:{SS_PASSWORD}@192.0.2.10:8388",
+    f"ss://{SS_USERINFO}@2001:db8::1:8388",
+    f"http://{SS_USERINFO}@192.0.2.10:8388",
+    f"{SS_PASSWORD}",
+    "udp2tcp://192.0.2.11",
+    "udp2tcp://192.0.2.11:0",
+])
+def test_wgpy_bridge_errors_never_show_the_password(value):
+    with pytest.raises(UapiError) as exc:
+        parse_set([f"public_key={PK1.hex()}", f"wgpy_bridge={value}"])
+    assert exc.value.errno == errno.EINVAL
+    assert exc.value.message.startswith("line 2: 'wgpy_bridge': ")
+    assert SS_PASSWORD not in str(exc.value)
+    assert SS_USERINFO[:16] not in str(exc.value)
+
+
+def test_wgpy_bridge_needs_a_peer():
+    with pytest.raises(UapiError) as exc:
+        parse_set([f"wgpy_bridge={SS_BRIDGE}"])
+    assert exc.value.errno == errno.EINVAL and "line 1:" in exc.value.message
+    assert SS_PASSWORD not in str(exc.value)
+
+
+def test_wgpy_bridge_set_applies_set_bridge_in_line_order():
+    dev, iface = bridged()
+    assert do_set(dev, iface, f"public_key={PK1.hex()}", "endpoint=192.0.2.50:51820",
+                  f"wgpy_bridge={SS_BRIDGE}", f"public_key={PK3.hex()}",
+                  f"wgpy_bridge={UDP2TCP_BRIDGE}", "endpoint=[2001:db8::3]:3") == OK
+    assert iface.peer_calls == [
+        ("endpoint", PK1, ("192.0.2.50", 51820)),
+        ("bridge", PK1, parse_bridge(SS_BRIDGE)),
+        ("bridge", PK3, parse_bridge(UDP2TCP_BRIDGE)),
+        ("endpoint", PK3, ("2001:db8::3", 3)),
+    ]
+    assert iface.bridges == {PK1: parse_bridge(SS_BRIDGE), PK3: parse_bridge(UDP2TCP_BRIDGE)}
+    assert dev.peers[PK1].endpoint == ("192.0.2.50", 51820)
+    assert dev.peers[PK3].endpoint == ("2001:db8::3", 3)
+    # Empty value: no bridge.
+    assert do_set(dev, iface, f"public_key={PK1.hex()}", "wgpy_bridge=") == OK
+    assert iface.peer_calls[-1] == ("bridge", PK1, None)
+    assert iface.bridges[PK1] is None
+
+
+def test_endpoint_goes_through_iface_set_endpoint():
+    dev, iface = bridged()
+    assert request(dev, iface, set_text(f"public_key={PK2.hex()}", "endpoint=[::ffff:192.0.2.9]:9")) == [OK]
+    assert iface.peer_calls == [("endpoint", PK2, ("192.0.2.9", 9))]
+    assert SetEndpoint(("192.0.2.9", 9)) in parse_set(
+        [f"public_key={PK2.hex()}", "endpoint=[::ffff:192.0.2.9]:9"]).peers[0].ops
+
+
+def test_wgpy_bridge_after_remove_is_ignored():
+    dev, iface = bridged()
+    assert do_set(dev, iface, f"public_key={PK1.hex()}", "remove=true", f"wgpy_bridge={SS_BRIDGE}") == OK
+    assert PK1 not in dev.peers
+    assert iface.peer_calls == []
+
+
+BAD_BRIDGE_LINES = {
+    "host name": f"wgpy_bridge=ss://{SS_USERINFO}@ss.example.com:8388",
+    "garbage": "wgpy_bridge=nonsense",
+    "plugin": f"wgpy_bridge=ss://{SS_USERINFO}@192.0.2.10:8388/?plugin=x",
+    "udp2tcp port 0": "wgpy_bridge=udp2tcp://192.0.2.11:0",
+}
+
+
+@pytest.mark.parametrize("bad", BAD_BRIDGE_LINES.values(), ids=BAD_BRIDGE_LINES.keys())
+def test_bad_wgpy_bridge_changes_nothing(bad):
+    dev, iface = bridged()
+    assert do_set(dev, iface, f"public_key={PK2.hex()}", f"wgpy_bridge={UDP2TCP_BRIDGE}") == OK
+    iface.peer_calls.clear()
+    before = state(dev, iface), dict(iface.bridges)
+    lines = [*GOOD_PREFIX, f"public_key={PK1.hex()}", "endpoint=192.0.2.99:1",
+             f"wgpy_bridge={SS_BRIDGE}", f"public_key={PK2.hex()}", "wgpy_bridge=", bad]
+    errors: list[UapiError] = []
+    assert handle(("set", lines), dev, iface, on_error=errors.append) == "errno=-22\n\n"
+    assert (state(dev, iface), dict(iface.bridges)) == before
+    assert iface.calls == [] and iface.peer_calls == []
+    assert errors[0].message.startswith(f"line {len(lines)}: 'wgpy_bridge': ")
+    assert SS_PASSWORD not in str(errors[0])
+
+
+def test_get_1_never_shows_extensions():
+    dev, iface = bridged()
+    plain = get_reply(dev, iface)
+    assert do_set(dev, iface, f"public_key={PK1.hex()}", f"wgpy_bridge={SS_BRIDGE}",
+                  f"public_key={PK2.hex()}", f"wgpy_bridge={UDP2TCP_BRIDGE}") == OK
+    reply = get_reply(dev, iface)
+    assert "wgpy_" not in reply
+    assert SS_PASSWORD not in reply
+    assert reply == plain  # a bridge changes nothing get=1 shows (the iface owns the endpoint)
+    assert format_get(dev, iface) == reply
+
+
+def test_get_wgpy_adds_extension_lines_per_peer():
+    dev, iface = bridged()
+    assert do_set(dev, iface, f"public_key={PK2.hex()}", f"wgpy_bridge={UDP2TCP_BRIDGE}") == OK
+    [reply] = request(dev, iface, b"get=wgpy\n\n")
+    assert reply.endswith("errno=0\n\n")
+    lines = reply.splitlines()
+    assert lines.count(f"wgpy_bridge={UDP2TCP_BRIDGE}") == 1
+    # In PK2's section (after its allowed_ip lines), not PK1's.
+    at = lines.index(f"wgpy_bridge={UDP2TCP_BRIDGE}")
+    owner = [line for line in lines[:at] if line.startswith("public_key=")][-1]
+    assert owner == f"public_key={PK2.hex()}"
+    assert lines[at - 1] == "allowed_ip=0.0.0.0/0"
+    # Without the extension lines it is exactly get=1's reply.
+    assert "\n".join(line for line in lines if not line.startswith("wgpy_")) + "\n" == get_reply(dev, iface)
+    assert format_get(dev, iface, extensions=True) == reply
+    # A peer without a bridge has no extension lines; no peers, no lines.
+    assert handle(("get-wgpy", None), new_device(None), FakeIface()) == OK
+
+
+def test_reader_get_wgpy():
+    assert RequestReader().feed(b"get=wgpy\n\n") == [("get-wgpy", None)]
+    stream = b"get=wgpy\n\nget=1\n\n" + set_text("listen_port=1") + b"get=wgpy\n\n"
+    expected = [("get-wgpy", None), ("get", None), ("set", ["listen_port=1"]), ("get-wgpy", None)]
+    assert RequestReader().feed(stream) == expected
+    for i in range(len(stream) + 1):
+        r = RequestReader()
+        assert r.feed(stream[:i]) + r.feed(stream[i:]) == expected, i
+
+
+@pytest.mark.parametrize("data, code", [
+    (b"get=wgpy\nx", errno.EINVAL),  # like get=1: one more byte, and it must be '\n'
+    (b"get=1\nx", errno.EINVAL),
+    (b"get=wgpy\r\n\n", errno.EPROTO),
+    (b"get=WGPY\n\n", errno.EPROTO),
+    (b"get=wgpy2\n\n", errno.EPROTO),
+    (b"set=wgpy\n\n", errno.EPROTO),
+])
+def test_reader_get_wgpy_violations(data, code):
+    r = RequestReader()
+    with pytest.raises(UapiError) as exc:
+        r.feed(data)
+    assert exc.value.errno == code
+    with pytest.raises(UapiError):
+        r.feed(b"get=wgpy\n\n")
