@@ -81,6 +81,18 @@ def test_wgpy_set_bridges_a_daemon_configured_by_wg(netlab):
     assert _ping(c, "10.231.0.1").returncode == 0
     assert "counter packets 0 " in c.run(["nft", "list", "table", "inet", "leak"]).stdout
 
+    # `wg syncconf` keeps the bridge (the peer stays); `wg setconf` replaces everything, bridges too.
+    conf = os.path.join(netlab.tmpdir, f"{client.ifname}.conf")
+    client.wg("syncconf", client.ifname, conf)
+    assert "bridge: ss://aes-256-gcm@10.230.0.1:8388" in c.run([WGPY, "show", client.ifname]).stdout
+    assert _ping(c, "10.231.0.1", count=1).returncode == 0
+    client.wg("setconf", client.ifname, conf)
+    assert "bridge:" not in c.run([WGPY, "show", client.ifname]).stdout
+    r = c.run([WGPY, "set", client.ifname, "peer", relay.keys.public_b64, "bridge",
+               "ss://aes-256-gcm:daemon-pw@10.230.0.1:8388"], check=False)
+    assert r.returncode == 0 and "MTU" not in r.stderr, r.stderr  # already low enough
+    assert _ping(c, "10.231.0.1").returncode == 0
+
     # `bridge off`: the peer is sent to directly again (127.0.0.1:51820 on the client itself,
     # where nothing listens: the relay becomes unreachable, which is the proof).
     r = c.run([WGPY, "set", client.ifname, "peer", relay.keys.public_b64, "bridge", "off"], check=False)
