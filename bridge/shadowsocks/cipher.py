@@ -8,12 +8,15 @@ the key length (never derived from a password); subkeys are BLAKE3 derive_key("s
 session subkey", key || salt).
 
 AEAD-2017 UDP packet:  salt || AEAD(subkey, nonce 0, address || payload), a fresh salt each time.
+Sealing and opening run once per datagram, so the subkey derivation and the address parsing
+(parse_udp_address, shared with udp2022) are tuned for it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -23,7 +26,14 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher as _BlockCipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from .address import Address, address_length, encode_address, parse_address_untrusted
+from .address import (
+    ATYP_IPV4,
+    ATYP_IPV6,
+    Address,
+    address_length,
+    encode_address,
+    parse_address_untrusted,
+)
 from .errors import AuthenticationError, ConfigError, ProtocolError, ReplayError, UsageError
 
 NONCE_LEN = 12
@@ -83,44 +93,60 @@ def evp_bytes_to_key(password: bytes, key_len: int) -> bytes:
 _IPAD = bytes(x ^ 0x36 for x in range(256))
 _OPAD = bytes(x ^ 0x5C for x in range(256))
 _SHA1_BLOCK = 64
+_SHA1_LEN = 20
+_sha1 = hashlib.sha1
 
 
-def _hmac_sha1_pads(key: bytes) -> tuple[Any, Any]:
-    """The inner and outer SHA-1 states of HMAC-SHA1 keyed with `key`, to be copied per message
-    (hmac.digest looks the digest up by name on every call: this is several times faster)."""
+def _hmac_sha1_key_blocks(key: bytes) -> tuple[bytes, bytes]:
+    """HMAC-SHA1's (RFC 2104) key blocks, K xor ipad and K xor opad."""
     if len(key) > _SHA1_BLOCK:
-        key = hashlib.sha1(key).digest()
+        key = _sha1(key).digest()
     key = key.ljust(_SHA1_BLOCK, b"\0")
-    return hashlib.sha1(key.translate(_IPAD)), hashlib.sha1(key.translate(_OPAD))
-
-
-def _hmac_sha1(pads: tuple[Any, Any], message: bytes) -> bytes:
-    inner = pads[0].copy()
-    inner.update(message)
-    outer = pads[1].copy()
-    outer.update(inner.digest())
-    return outer.digest()
+    return key.translate(_IPAD), key.translate(_OPAD)
 
 
 def hkdf_sha1(key: bytes, salt: bytes, info: bytes, length: int) -> bytes:
-    """HKDF (RFC 5869) with HMAC-SHA1. An empty salt means HashLen zero bytes, as the RFC says."""
-    if not 0 <= length <= 255 * 20:
+    """HKDF (RFC 5869) with HMAC-SHA1. An empty salt means HashLen zero bytes, as the RFC says:
+    HMAC pads both to the same key block.
+
+    Each HMAC is two one-shot SHA-1 calls over key block || message: with OpenSSL 3 behind
+    hashlib, copying a hash object costs as much as making one, so precomputed pad states do not
+    pay, and hmac.digest costs several SHA-1 calls. See aead_subkey for the per-packet use."""
+    if not 0 <= length <= 255 * _SHA1_LEN:
         raise UsageError("HKDF-SHA1 output is at most 5100 bytes")
-    prk = _hmac_sha1(_hmac_sha1_pads(salt or bytes(20)), key)
-    pads = _hmac_sha1_pads(prk)
-    out = b""
-    block = b""
+    inner, outer = _hmac_sha1_key_blocks(salt)
+    prk = _sha1(outer + _sha1(inner + key).digest()).digest()
+    inner, outer = _hmac_sha1_key_blocks(prk)
+    okm = block = b""
     counter = 1
-    while len(out) < length:
-        block = _hmac_sha1(pads, block + info + bytes((counter,)))
-        out += block
+    while len(okm) < length:
+        block = _sha1(outer + _sha1(inner + block + info + bytes((counter,))).digest()).digest()
+        okm += block
         counter += 1
-    return out[:length]
+    return okm[:length]
+
+
+_SUBKEY_INFO_1 = SUBKEY_INFO + b"\x01"
+_SUBKEY_INFO_2 = SUBKEY_INFO + b"\x02"
 
 
 def aead_subkey(master_key: bytes, salt: bytes) -> bytes:
-    """The AEAD-2017 session subkey: HKDF-SHA1(master key, salt, "ss-subkey"), key-sized."""
-    return hkdf_sha1(master_key, salt, SUBKEY_INFO, len(master_key))
+    """The AEAD-2017 session subkey: HKDF-SHA1(master key, salt, "ss-subkey"), key-sized.
+
+    Every AEAD-2017 UDP packet has a fresh salt, so this runs once per packet and is most of its
+    cost. For keys of up to two SHA-1 outputs (every method's) it is hkdf_sha1 unrolled: about
+    10% faster than the loop, as fast as cryptography's HKDF for 32-byte keys and faster for
+    16-byte ones."""
+    n = len(master_key)
+    if n > 2 * _SHA1_LEN:
+        return hkdf_sha1(master_key, salt, SUBKEY_INFO, n)
+    inner, outer = _hmac_sha1_key_blocks(salt)
+    prk = _sha1(outer + _sha1(inner + master_key).digest()).digest()
+    inner, outer = _hmac_sha1_key_blocks(prk)
+    okm = _sha1(outer + _sha1(inner + _SUBKEY_INFO_1).digest()).digest()
+    if n > _SHA1_LEN:
+        okm += _sha1(outer + _sha1(inner + okm + _SUBKEY_INFO_2).digest()).digest()
+    return okm[:n]
 
 
 def _blake3() -> Any:
@@ -260,8 +286,11 @@ class Cipher:
             salt = os.urandom(m.salt_len)
         elif len(salt) != m.salt_len:
             raise UsageError(f"{m.name}: salt must be {m.salt_len} bytes")
-        plaintext = encode_address(target) + bytes(payload)
-        return bytes(salt) + self.session_aead(salt).encrypt(_ZERO_NONCE, plaintext, None)
+        else:
+            salt = bytes(salt)
+        # bytes + any buffer is bytes: the payload (a whole datagram) is copied once, here
+        plaintext = encode_address(target) + payload
+        return salt + m.aead(aead_subkey(self._key, salt)).encrypt(_ZERO_NONCE, plaintext, None)
 
     def open_udp(self, packet: bytes, *, salt_filter: Any = None,
                  now: float | None = None) -> tuple[Address, bytes]:
@@ -274,17 +303,39 @@ class Cipher:
             raise UsageError("open_udp with a salt_filter needs `now`")
         m = self.method
         packet = bytes(packet)
-        if len(packet) <= m.salt_len + m.tag_len:
+        salt_len = m.salt_len
+        if len(packet) <= salt_len + m.tag_len:
             raise ProtocolError("UDP packet too short")
-        salt = packet[:m.salt_len]
+        salt = packet[:salt_len]
         try:
-            plaintext = self.session_aead(salt).decrypt(_ZERO_NONCE, packet[m.salt_len:], None)
+            plaintext = m.aead(aead_subkey(self._key, salt)).decrypt(
+                _ZERO_NONCE, packet[salt_len:], None)
         except InvalidTag:
             raise AuthenticationError("UDP packet failed authentication") from None
         if salt_filter is not None and salt_filter.seen(salt, now):
             raise ReplayError("UDP packet: salt seen before")
-        parsed = parse_address_untrusted(plaintext, 0)
+        parsed = parse_udp_address(plaintext, 0)
         if parsed is None:
             raise ProtocolError("UDP packet: truncated address")
         address, end = parsed
         return address, plaintext[end:]
+
+
+_IP_ADDRESS_LEN = {ATYP_IPV4: 1 + 4 + 2, ATYP_IPV6: 1 + 16 + 2}
+
+
+@functools.lru_cache(maxsize=256)
+def _ip_address(raw: bytes) -> Address:
+    return parse_address_untrusted(raw, 0)[0]  # type: ignore[index]
+
+
+def parse_udp_address(data: bytes, offset: int) -> tuple[Address, int] | None:
+    """parse_address_untrusted for the address in a UDP packet. A bridge sees the same few IP
+    addresses in packet after packet, and building an Address from the wire costs about as much
+    as decrypting the datagram, so IP addresses (any 7 or 19 bytes starting with their type
+    parse, and always to the same Address) are looked up by their wire bytes."""
+    if offset < len(data):
+        size = _IP_ADDRESS_LEN.get(data[offset])
+        if size is not None and offset + size <= len(data):
+            return _ip_address(data[offset:offset + size]), offset + size
+    return parse_address_untrusted(data, offset)
