@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.bridge:
             pairs = [("wireguard-go", "wireguard-go", "libev"), ("wgpy", "wgpy", "wgpy"),
-                     ("wgpy", "wireguard-go", "libev")]
+                     ("wgpy", "wireguard-go", "wgpy+libev"), ("wgpy", "wireguard-go", "libev")]
             reference = "wireguard-go <-> wireguard-go via ss libev"
         else:
             pairs = [("veth", "veth"), ("wireguard-go", "wireguard-go"), ("wgpy", "wgpy"), ("wgpy", "wireguard-go")]

@@ -123,16 +123,21 @@ WGPY = str(Path(sys.executable).with_name("wgpy"))
 BRIDGE_URI = f"ss://{BRIDGE_METHOD}:{BRIDGE_PASSWORD}@10.231.0.2:8388"
 
 
+# How side a reaches side b through Shadowsocks: "libev" = ss-tunnel (a local port) + ss-server;
+# "wgpy" = side a's wgpy-daemon carries its datagrams itself (`wgpy set ... bridge`) to
+# `wgpy bridge serve`; "wgpy+libev" = the same daemon carrier to libev's ss-server.
+BRIDGES = {"libev": "libev", "wgpy": "wgpy (daemon + wgpy bridge serve)",
+           "wgpy+libev": "wgpy daemon + libev ss-server"}
+
+
 def _start_bridge(lab: "Lab", bridge: str) -> str:
-    """A Shadowsocks bridge between the namespaces: returns the endpoint side a's WireGuard must
-    use. "libev": ss-tunnel (a local port) + ss-server; "wgpy": `wgpy bridge serve`, and side a's
-    wgpy-daemon carries its datagrams itself (`wgpy set ... bridge`), so the endpoint is the
-    WireGuard port as the server sees it."""
-    if bridge == "libev":
+    """Start the bridge's processes; returns the endpoint side a's WireGuard must use (for the
+    daemon's own carrier: the WireGuard port as the server sees it)."""
+    if bridge in ("libev", "wgpy+libev"):
         server = ["ss-server", "-s", "10.231.0.2", "-p", "8388", "-k", BRIDGE_PASSWORD, "-m", BRIDGE_METHOD, "-U"]
         client = ["ss-tunnel", "-s", "10.231.0.2", "-p", "8388", "-k", BRIDGE_PASSWORD, "-m", BRIDGE_METHOD,
                   "-b", "127.0.0.1", "-l", "51999", "-L", "127.0.0.1:51821", "-U"]
-        procs = ((1, server, 8388), (0, client, 51999))
+        procs = ((1, server, 8388), (0, client, 51999)) if bridge == "libev" else ((1, server, 8388),)
     else:
         server = [WGPY, "bridge", "serve", "--listen", f"ss://{BRIDGE_METHOD}:{BRIDGE_PASSWORD}@10.231.0.2:8388",
                   "--allow", "127.0.0.1:51821"]
@@ -149,7 +154,7 @@ def _start_bridge(lab: "Lab", bridge: str) -> str:
 
 def measure_pair(left: str, right: str, seconds: int, bridge: str | None = None) -> list[Figure]:
     figures = []
-    label = f"{left} <-> {right}" + (f" via ss {bridge}" if bridge else "")
+    label = f"{left} <-> {right}" + (f" via ss {BRIDGES[bridge]}" if bridge else "")
     with Lab() as lab:
         if left == "veth":
             for reverse in (False, True):
@@ -174,7 +179,7 @@ def measure_pair(left: str, right: str, seconds: int, bridge: str | None = None)
             _run(*lab.exec(side, "wg", "setconf", names[side], conf))
             _run("ip", "-n", lab.ns[side], "addr", "add", f"10.232.0.{side + 1}/24", "dev", names[side])
             _run("ip", "-n", lab.ns[side], "link", "set", names[side], "mtu", mtu, "up")
-        if bridge == "wgpy":
+        if bridge in ("wgpy", "wgpy+libev"):
             _run(*lab.exec(0, WGPY, "set", names[0], "peer", encode_base64_key(public_key(kb)), "bridge", BRIDGE_URI))
         _run(*lab.exec(0, "ping", "-c", "1", "-W", "5", "10.232.0.2"))
         for reverse in (False, True):
@@ -184,7 +189,7 @@ def measure_pair(left: str, right: str, seconds: int, bridge: str | None = None)
 
 
 def run(pairs: list[tuple], seconds: int) -> list[Figure]:
-    """`pairs`: (left, right) or (left, right, bridge) with bridge "libev" or "wgpy"."""
+    """`pairs`: (left, right) or (left, right, bridge) with bridge a key of BRIDGES."""
     tools = ["ip", "wg", "iperf3", "wireguard-go"]
     if any(len(p) > 2 for p in pairs):
         tools += ["ss-server", "ss-tunnel"]
@@ -201,8 +206,8 @@ def format_table(figures: list[Figure], seconds: int, reference: str = "wireguar
     ref = {f.direction: f.mbps for f in figures if f.pair == reference}
     lines = [f"wgpy bench tunnel: iperf3 TCP, {seconds} s per direction, two namespaces over veth "
              f"(MTU 1420; {BRIDGE_MTU} through a Shadowsocks {BRIDGE_METHOD} bridge)",
-             f"{'pair':<44} {'dir':<5} {'Mbit/s':>9} {'retrans':>8} {'vs ' + reference:>10}"]
+             f"{'pair':<62} {'dir':<5} {'Mbit/s':>9} {'retrans':>8} {'vs ' + reference:>10}"]
     for f in figures:
         ratio = f"{f.mbps / ref[f.direction]:.2f}" if f.direction in ref else "-"
-        lines.append(f"{f.pair:<44} {f.direction:<5} {f.mbps:>9.1f} {f.retransmits:>8} {ratio:>10}")
+        lines.append(f"{f.pair:<62} {f.direction:<5} {f.mbps:>9.1f} {f.retransmits:>8} {ratio:>10}")
     return "\n".join(lines)
