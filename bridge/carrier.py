@@ -36,6 +36,9 @@ BATCH = 128  # datagrams read per wakeup
 MAX_DATAGRAM = 0xFFFF
 SOCKET_BUFFER = 4 << 20  # requested SO_RCVBUF / SO_SNDBUF (best effort)
 RETRY_MIN, RETRY_MAX = 0.1, 5.0  # backoff for a socket that cannot be opened or connected
+# Send errors meaning the socket's source address or route is gone (the host moved to another
+# network): a connected UDP socket keeps the source it was given, so only a new socket recovers.
+REOPEN_ERRNOS = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH})
 
 
 class BridgedEndpoint(NamedTuple):
@@ -61,6 +64,8 @@ class Carrier:
         self.received = 0  # datagrams delivered to the device
         self.drops = Drops()
         self.scope = trio.CancelScope()  # the engine cancels it to stop the carrier
+        # Set by the engine: the peer had no endpoint of its own (udp2tcp uses the server's).
+        self.placeholder_endpoint = False
 
     def endpoint(self, target: tuple[str, int] | None) -> BridgedEndpoint:
         """The endpoint the device uses for a peer at `target` (the server's view) through us."""
@@ -133,8 +138,19 @@ class ShadowsocksCarrier(Carrier):
             return
         except OSError as exc:  # EMSGSIZE (MTU too high for the bridge), ECONNREFUSED, EPERM
             self.drops.add(f"udp send: {errname(exc)}")
+            if exc.errno in REOPEN_ERRNOS:
+                self.reopen(errname(exc))
             return
         self.sent += 1
+
+    def reopen(self, why: str) -> None:
+        """Replace the socket (the receive task wakes, `run` opens a new one at once)."""
+        sock = self._sock
+        if sock is None:
+            return
+        self._sock = None
+        log.warning("bridge %s: new socket to the server (%s)", self.spec.redacted(), why)
+        trio.lowlevel.notify_closing(sock)
 
     def set_fwmark(self, mark: int) -> None:
         self.fwmark = mark
@@ -158,6 +174,8 @@ class ShadowsocksCarrier(Carrier):
                 self._sock = sock
                 try:
                     await self._receive(sock)
+                except trio.ClosedResourceError:
+                    pass  # reopen(): a new socket now
                 finally:
                     self._sock = None
                     sock.close()

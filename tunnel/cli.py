@@ -110,12 +110,30 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-SET_USAGE = "usage: wgpy set IFNAME peer PUBKEY bridge URI|off [peer PUBKEY bridge URI|off ...]"
+SET_USAGE = "usage: wgpy set IFNAME peer PUBKEY bridge URI|FILE|off [peer PUBKEY bridge URI|FILE|off ...]"
+
+
+def _bridge_value(value: str) -> str | None:
+    """A URI as given, or read from a file (like `wg set ... preshared-key FILE`), so that a
+    password need not sit in the process list or in wg-quick's echo of its hooks."""
+    if value in ("off", ""):
+        return None
+    if "://" in value:
+        return value
+    try:
+        with open(value, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read(65536).strip()
+    except OSError as exc:
+        raise UsageError(f"bridge {value!r}: neither a URI nor a readable file: {exc.strerror}") from None
+    if not text:
+        raise UsageError(f"bridge file {value!r} is empty")
+    return text
 
 
 def cmd_set(args: argparse.Namespace) -> int:
     """Bridges on a running interface; everything else stays with `wg set`."""
     from . import control, quick
+    from .netconfig import NetError
 
     words = args.settings
     if not words or len(words) % 4:
@@ -127,12 +145,12 @@ def cmd_set(args: argparse.Namespace) -> int:
             raise UsageError(SET_USAGE)
         try:
             key = keys.decode_base64_key(key_text)
-        except keys.KeyError_:
-            raise UsageError(f"peer {key_text[:60]!r}: not a base64 WireGuard public key") from None
-        changes.append((key, None if value in ("off", "") else value))
+        except keys.KeyError_:  # not echoed: swapped arguments would put a URI here
+            raise UsageError(f"argument {i + 3}: not a base64 WireGuard public key") from None
+        changes.append((key, _bridge_value(value)))
     try:
         quick.set_bridges(args.ifname, changes)
-    except (quick.UpError, control.ControlError) as exc:
+    except (quick.UpError, control.ControlError, NetError) as exc:
         raise UsageError(str(exc)) from None
     return 0
 

@@ -98,7 +98,10 @@ class Engine:
 
     def set_endpoint(self, peer, endpoint: tuple[str, int]) -> None:
         carrier = self._carrier_of(peer)
-        peer.endpoint = carrier.endpoint(endpoint) if carrier is not None else endpoint
+        if carrier is not None:
+            carrier.placeholder_endpoint = False
+            endpoint = carrier.endpoint(endpoint)
+        peer.endpoint = endpoint
 
     def set_bridge(self, peer, bridge: BridgeSpec | None) -> None:
         old = self.carriers.get(peer.public_key)
@@ -108,7 +111,8 @@ class Engine:
         if old is not None:  # ours, or left by a peer of the same key removed in this request
             self._stop_carrier(peer.public_key)
         if bridge is None:
-            peer.endpoint = target
+            # A udp2tcp peer configured without an endpoint had the server's address as one.
+            peer.endpoint = None if old is not None and old.placeholder_endpoint else target
             peer.roaming = True
             return
         ident = self._next_carrier
@@ -119,6 +123,7 @@ class Engine:
         self._carrier_peer[ident] = peer
         # Shadowsocks needs a target; udp2tcp's server has its own, so any endpoint will do.
         peer.endpoint = carrier.endpoint(target) if target is not None or bridge.kind == "udp2tcp" else None
+        carrier.placeholder_endpoint = target is None
         peer.roaming = False
         log.info("%s: a peer now goes through bridge %s", self.ifname, bridge.redacted())
         if self._nursery is not None:

@@ -195,7 +195,8 @@ def _add_default(journal: Journal, ifname: str, net, table: int, cfg: wgconfig.C
         netconfig.set_sysctl(journal, "net.ipv4.conf.all.src_valid_mark", "1")
     if run(["nft", "--version"], check=False).returncode == 0:
         # Like wg-quick: drop packets for our tunnel addresses arriving on other interfaces, and
-        # carry the fwmark of our UDP flows through conntrack so replies pass rp_filter.
+        # carry the fwmark of our UDP flows (and of a udp2tcp bridge's TCP connection) through
+        # conntrack so replies pass rp_filter.
         nft_fam = "ip6" if net.version == 6 else "ip"
         tname = f"wgpy-{ifname}"
         addrs = [a for a in cfg.interface.addresses if a.version == net.version]
@@ -206,8 +207,8 @@ def _add_default(journal: Journal, ifname: str, net, table: int, cfg: wgconfig.C
         for a in addrs:
             rules.append(f"add rule {nft_fam} {tname} preraw iifname != \"{ifname}\" {nft_fam} daddr {a.ip} "
                          f"fib saddr type != local drop")
-        rules.append(f"add rule {nft_fam} {tname} postmangle meta l4proto udp mark {table} ct mark set mark")
-        rules.append(f"add rule {nft_fam} {tname} premangle meta l4proto udp meta mark set ct mark")
+        rules.append(f"add rule {nft_fam} {tname} postmangle meta l4proto {{ tcp, udp }} mark {table} ct mark set mark")
+        rules.append(f"add rule {nft_fam} {tname} premangle meta l4proto {{ tcp, udp }} meta mark set ct mark")
         journal.cmd(["nft", "-f", "-"], ["nft", "delete", "table", nft_fam, tname], input="\n".join(rules) + "\n")
 
 

@@ -252,11 +252,13 @@ def test_wireguard_go_and_ss_tunnel_to_wgpy_bridge_serve(netlab):
     assert server.dump()["peers"][client.keys.public_b64]["latest_handshake"] > 0
 
 
-def test_full_tunnel_through_a_bridge_leaks_nothing(netlab):
-    """Client (0.0.0.0/0) with Bridge = ss:// -> wgpy bridge serve -> wgpy up -> a host behind it.
-    The bridge server is reachable only through the client's default route, so only the carrier's
-    fwmark keeps its packets out of the tunnel; and nothing but the carrier's packets leaves the
-    client's link."""
+@pytest.mark.parametrize("carrier", ["ss", "udp2tcp"])
+def test_full_tunnel_through_a_bridge_leaks_nothing(netlab, carrier):
+    """Client (0.0.0.0/0) with a Bridge -> wgpy bridge serve -> wgpy up -> a host behind it. The
+    bridge server is reachable only through the client's default route, so only the carrier's
+    fwmark keeps its packets out of the tunnel; nothing but the carrier's packets leaves the
+    client's link; and the replies pass strict reverse-path filtering (conntrack restores the
+    mark, for TCP as for UDP)."""
     from .test_quick import isolated_resolv_conf
 
     c, s, h = netlab.netns("ftc"), netlab.netns("fts"), netlab.netns("fth")
@@ -264,7 +266,10 @@ def test_full_tunnel_through_a_bridge_leaks_nothing(netlab):
     netlab.veth(s, h, addrs_a=["192.168.240.1/24"], addrs_b=["192.168.240.2/24"])
     s.ip("addr", "add", "10.241.0.1/32", "dev", "lo")  # the bridge: only via c's default route
     c.ip("route", "add", "default", "via", "10.240.0.1")
+    for key in ("net.ipv4.conf.all.rp_filter=1", "net.ipv4.conf.default.rp_filter=1"):
+        c.run(["sysctl", "-q", "-w", key])
     s.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+    bridge = {"ss": "ss://aes-256-gcm:full-tunnel-pw@10.241.0.1:8388", "udp2tcp": "udp2tcp://10.241.0.1:443"}[carrier]
     h.ip("route", "add", "10.242.0.0/24", "via", "192.168.240.1")
     isolated_resolv_conf(netlab, c, "nameserver 192.0.2.53\n")
     kc, ks = Keys(), Keys()
@@ -286,12 +291,11 @@ Address = 10.242.0.2/24
 PublicKey = {ks.public_b64}
 AllowedIPs = 0.0.0.0/0
 Endpoint = 127.0.0.1:51820
-Bridge = ss://aes-256-gcm:full-tunnel-pw@10.241.0.1:8388
+Bridge = {bridge}
 """)
     wgpy(s, "up", s_path, check=True)
-    s.popen([WGPY, "bridge", "serve", "--listen", "ss://aes-256-gcm:full-tunnel-pw@10.241.0.1:8388",
-             "--allow", "127.0.0.1:51820"])
-    _wait_listening(s, 8388)
+    s.popen([WGPY, "bridge", "serve", "--listen", bridge, "--allow", "127.0.0.1:51820"])
+    _wait_listening(s, 8388 if carrier == "ss" else 443, "u" if carrier == "ss" else "t")
     before = snapshot(c)
     # Counts every packet that leaves by the link (not the loopback, not the tunnel) for anything
     # but the bridge server.

@@ -88,8 +88,12 @@ def test_wgpy_set_bridges_a_daemon_configured_by_wg(netlab):
     assert _ping(c, "10.231.0.1", count=1).returncode == 0
     client.wg("setconf", client.ifname, conf)
     assert "bridge:" not in c.run([WGPY, "show", client.ifname]).stdout
-    r = c.run([WGPY, "set", client.ifname, "peer", relay.keys.public_b64, "bridge",
-               "ss://aes-256-gcm:daemon-pw@10.230.0.1:8388"], check=False)
+    # This time from a file, as `wg set ... preshared-key FILE`: no password in the process list.
+    uri_file = os.path.join(netlab.tmpdir, "bridge.uri")
+    fd = os.open(uri_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("ss://aes-256-gcm:daemon-pw@10.230.0.1:8388\n")
+    r = c.run([WGPY, "set", client.ifname, "peer", relay.keys.public_b64, "bridge", uri_file], check=False)
     assert r.returncode == 0 and "MTU" not in r.stderr, r.stderr  # already low enough
     assert _ping(c, "10.231.0.1").returncode == 0
 
@@ -109,8 +113,9 @@ def test_wgpy_set_errors(netlab):
         pytest.skip(reason)
     c = netlab.netns("dbe")
     client = WgInterface(netlab, c, "wgpy").start()
-    other = Keys()
-    client.setconf(listen_port=0, peers=[PeerConf(other.public_b64, ["10.232.0.1/32"], "127.0.0.1:51820")])
+    other, no_endpoint = Keys(), Keys()
+    client.setconf(listen_port=0, peers=[PeerConf(other.public_b64, ["10.232.0.1/32"], "127.0.0.1:51820"),
+                                         PeerConf(no_endpoint.public_b64, ["10.232.0.2/32"])])
     stranger = Keys().public_b64
 
     def wgpy_set(*words: str) -> subprocess.CompletedProcess:
@@ -124,8 +129,19 @@ def test_wgpy_set_errors(netlab):
     assert r.returncode == 1 and "topsecret" not in r.stderr, r.stderr
     r = wgpy_set("peer", other.public_b64, "endpoint", "127.0.0.1:1")
     assert r.returncode == 1 and "usage: wgpy set" in r.stderr, r.stderr
+    r = wgpy_set("peer", "ss://aes-256-gcm:topsecret@127.0.0.1:8388", "bridge", other.public_b64)
+    assert r.returncode == 1 and "not a base64 WireGuard public key" in r.stderr, r.stderr
+    assert "topsecret" not in r.stderr
+    r = wgpy_set("peer", other.public_b64, "bridge", "/nonexistent/bridge.uri")
+    assert r.returncode == 1 and "neither a URI nor a readable file" in r.stderr, r.stderr
     # nothing changed, and the daemon still answers
     assert "bridge:" not in c.run([WGPY, "show", client.ifname]).stdout
+    # udp2tcp on a peer without an endpoint: `wg` shows the server as its endpoint while bridged,
+    # and no endpoint again afterwards (never the server's address as a plain UDP endpoint).
+    assert wgpy_set("peer", no_endpoint.public_b64, "bridge", "udp2tcp://127.0.0.1:443").returncode == 0
+    assert client.dump()["peers"][no_endpoint.public_b64]["endpoint"] == "127.0.0.1:443"
+    assert wgpy_set("peer", no_endpoint.public_b64, "bridge", "off").returncode == 0
+    assert client.dump()["peers"][no_endpoint.public_b64]["endpoint"] is None
     # A wireguard-go interface has no bridges: the refusal says so.
     go = WgInterface(netlab, c, "wireguard-go").start()
     go.setconf(listen_port=0, peers=[PeerConf(other.public_b64, ["10.232.0.1/32"], "127.0.0.1:51820")])

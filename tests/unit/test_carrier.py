@@ -345,7 +345,8 @@ async def test_ss_run_retries_with_backoff_when_the_socket_cannot_be_opened(monk
 
         monkeypatch.setattr(carrier, "_open", failing_open)
         monkeypatch.setattr(carrier_mod, "trio", SimpleNamespace(
-            sleep=recorded_sleep, lowlevel=trio.lowlevel, CancelScope=trio.CancelScope))
+            sleep=recorded_sleep, lowlevel=trio.lowlevel, CancelScope=trio.CancelScope,
+            ClosedResourceError=trio.ClosedResourceError))
         nursery.start_soon(carrier.run)
         await until(lambda: carrier.connected)
         assert len(attempts) == 9
@@ -493,4 +494,48 @@ async def test_udp2tcp_send_never_raises_even_for_an_oversized_datagram():
         assert carrier.statistics()["dropped"] == 1
         carrier.send(b"next", WG)
         assert await inbox.wait_for(1) == [(b"echo:next", WG)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_ss_reopen_replaces_the_socket_and_traffic_goes_on():
+    """After the host changes networks the connected socket's source address is dead (sends fail
+    with EINVAL/EADDRNOTAVAIL/ENETUNREACH): the carrier opens a new socket and carries on."""
+    async with trio.open_nursery() as nursery:
+        server, carrier, inbox = await start_ss(nursery, "aes-256-gcm")
+        carrier.send(b"before", WG)
+        await inbox.wait_for(1)
+        old = carrier._sock
+        carrier.reopen("test")
+        assert not carrier.connected
+        carrier.send(b"lost", WG)  # no socket for a moment: a counted drop
+        assert carrier.drops.reasons == {"no socket to the server yet": 1}
+        await until(lambda: carrier.connected)
+        assert carrier._sock is not old and old.fileno() == -1
+        carrier.send(b"after", WG)
+        assert (await inbox.wait_for(2))[1] == (b"re:after", WG)
+        nursery.cancel_scope.cancel()
+
+
+async def test_ss_send_error_that_means_a_dead_source_address_reopens(monkeypatch):
+    async with trio.open_nursery() as nursery:
+        server, carrier, inbox = await start_ss(nursery, "aes-256-gcm")
+
+        class DeadSource:
+            def __init__(self, sock):
+                self.sock = sock
+
+            def send(self, data):
+                raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+
+            def __getattr__(self, name):
+                return getattr(self.sock, name)
+
+        real = carrier._sock
+        carrier._sock = DeadSource(real)
+        carrier.send(b"x", WG)
+        assert carrier.drops.reasons == {"udp send: EADDRNOTAVAIL": 1}
+        assert not carrier.connected
+        await until(lambda: carrier.connected)
+        carrier.send(b"y", WG)
+        assert (await inbox.wait_for(1)) == [(b"re:y", WG)]
         nursery.cancel_scope.cancel()
