@@ -171,7 +171,7 @@ def _target_sockaddr(target: tuple) -> tuple[int, tuple]:
 
 
 class _UdpSession:
-    __slots__ = ("key", "client", "target", "sock", "scope", "session_id")
+    __slots__ = ("key", "client", "target", "sock", "last_active", "session_id")
 
     def __init__(self, key: tuple, client: tuple, target: Address, sock: socket.socket,
                  session_id: bytes | None) -> None:
@@ -179,11 +179,10 @@ class _UdpSession:
         self.client = client
         self.target = target
         self.sock = sock
-        self.scope = trio.CancelScope(deadline=trio.current_time() + IDLE_TIMEOUT)
+        # Traffic stamps this (cheap); the idle deadline is only moved when it expires, since
+        # moving a trio deadline costs ~5 us, as much as opening the packet.
+        self.last_active = trio.current_time()
         self.session_id = session_id
-
-    def touch(self) -> None:
-        self.scope.deadline = trio.current_time() + IDLE_TIMEOUT
 
 
 class ShadowsocksServer:
@@ -292,14 +291,13 @@ class ShadowsocksServer:
                 stats.drop(f"connect {errname(exc)}", _fmt(target))
                 return
             session = _UdpSession(key, client, target, out, session_id)
-            session.scope.deadline = trio.current_time() + self.idle_timeout
             self.sessions[key] = session
             stats.sessions_opened += 1
             log.debug("%s: session %s -> %s opened", self.name, _fmt(client), _fmt(target))
             nursery.start_soon(self._udp_session, session)
         else:
             session.client = client  # 2022: a session follows its client's latest address
-            session.scope.deadline = trio.current_time() + self.idle_timeout
+            session.last_active = trio.current_time()
         try:
             session.sock.send(payload)
             stats.udp_in += 1
@@ -309,47 +307,53 @@ class ShadowsocksServer:
     # ---- UDP, target -> client
 
     async def _udp_session(self, session: _UdpSession) -> None:
+        try:
+            while True:
+                with trio.move_on_at(session.last_active + self.idle_timeout):
+                    await self._udp_replies(session)
+                if trio.current_time() - session.last_active >= self.idle_timeout:
+                    break
+                # Traffic came after the deadline was set: wait again, from the latest packet.
+            self.stats.sessions_idle += 1
+            log.debug("%s: session %s -> %s idle, closed", self.name, _fmt(session.client),
+                      _fmt(session.target))
+        finally:
+            if self.sessions.get(session.key) is session:
+                del self.sessions[session.key]
+            session.sock.close()
+
+    async def _udp_replies(self, session: _UdpSession) -> None:
         sock = session.sock
         listen = self.udp_sock
         assert listen is not None
         buf = bytearray(UDP_BUF)
         view = memoryview(buf)
-        try:
-            with session.scope:
-                while True:
-                    await trio.lowlevel.wait_readable(sock)
-                    for _ in range(BATCH):
-                        try:
-                            n = sock.recv_into(buf)
-                        except BlockingIOError:
-                            break
-                        except OSError as exc:  # ECONNREFUSED from an earlier send
-                            self.stats.drop(f"target receive {errname(exc)}")
-                            continue
-                        session.scope.deadline = trio.current_time() + self.idle_timeout
-                        payload = bytes(view[:n])
-                        try:
-                            if self.udp2022 is not None:
-                                reply = self.udp2022.seal(session.session_id, session.target,
-                                                          payload, time.time())
-                            else:
-                                reply = self.cipher.seal_udp(session.target, payload)
-                        except ShadowsocksError:  # e.g. the 2022 session expired meanwhile
-                            self.stats.drop("reply: session gone")
-                            continue
-                        try:
-                            listen.sendto(reply, session.client)
-                            self.stats.udp_out += 1
-                        except OSError as exc:
-                            self.stats.drop(f"reply send {errname(exc)}")
-            if session.scope.cancelled_caught:
-                self.stats.sessions_idle += 1
-                log.debug("%s: session %s -> %s idle, closed", self.name, _fmt(session.client),
-                          _fmt(session.target))
-        finally:
-            if self.sessions.get(session.key) is session:
-                del self.sessions[session.key]
-            sock.close()
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            session.last_active = trio.current_time()
+            for _ in range(BATCH):
+                try:
+                    n = sock.recv_into(buf)
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # ECONNREFUSED from an earlier send
+                    self.stats.drop(f"target receive {errname(exc)}")
+                    continue
+                payload = bytes(view[:n])
+                try:
+                    if self.udp2022 is not None:
+                        reply = self.udp2022.seal(session.session_id, session.target,
+                                                  payload, time.time())
+                    else:
+                        reply = self.cipher.seal_udp(session.target, payload)
+                except ShadowsocksError:  # e.g. the 2022 session expired meanwhile
+                    self.stats.drop("reply: session gone")
+                    continue
+                try:
+                    listen.sendto(reply, session.client)
+                    self.stats.udp_out += 1
+                except OSError as exc:
+                    self.stats.drop(f"reply send {errname(exc)}")
 
     # ---- TCP
 
