@@ -64,8 +64,6 @@ class Carrier:
         self.received = 0  # datagrams delivered to the device
         self.drops = Drops()
         self.scope = trio.CancelScope()  # the engine cancels it to stop the carrier
-        # Set by the engine: the peer had no endpoint of its own (udp2tcp uses the server's).
-        self.placeholder_endpoint = False
 
     def endpoint(self, target: tuple[str, int] | None) -> BridgedEndpoint:
         """The endpoint the device uses for a peer at `target` (the server's view) through us."""

@@ -24,6 +24,7 @@ import socket
 import stat
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import trio
 
@@ -64,10 +65,9 @@ class Engine:
         self._uapi_sock: trio.socket.SocketType | None = None
         self._socket_ino: tuple[int, int] | None = None
         self._uapi_clients = 0
-        # Bridged peers: public key -> its carrier; carrier number -> carrier (BridgedEndpoint).
-        self.carriers: dict[bytes, Carrier] = {}
+        # Bridged peers by public key; their carriers by number (a BridgedEndpoint's `carrier`).
+        self.bridges: dict[bytes, _Bridge] = {}
         self._carrier_by_id: dict[int, Carrier] = {}
-        self._carrier_peer: dict[int, object] = {}
         self._next_carrier = 1
         self.exit_reason = ""
         self.stopped = trio.Event()
@@ -90,73 +90,67 @@ class Engine:
 
     def set_fwmark(self, mark: int) -> None:
         self.udp.set_fwmark(mark)
-        for carrier in self.carriers.values():
+        for carrier in self._carrier_by_id.values():
             try:
                 carrier.set_fwmark(mark)
             except OSError as exc:  # the socket is being replaced; the new one gets the mark
                 log.warning("%s: bridge %s: fwmark: %s", self.ifname, carrier.spec.redacted(), exc)
 
     def set_endpoint(self, peer, endpoint: tuple[str, int]) -> None:
-        carrier = self._carrier_of(peer)
-        if carrier is not None:
-            carrier.placeholder_endpoint = False
-            endpoint = carrier.endpoint(endpoint)
+        bridged = self._bridge_of(peer)
+        if bridged is not None:
+            bridged.placeholder_endpoint = False
+            endpoint = bridged.carrier.endpoint(endpoint)
         peer.endpoint = endpoint
 
     def set_bridge(self, peer, bridge: BridgeSpec | None) -> None:
-        old = self.carriers.get(peer.public_key)
-        if old is not None and self._carrier_of(peer) is old and old.spec == bridge:
+        old = self.bridges.get(peer.public_key)
+        if old is not None and old.peer is peer and old.carrier.spec == bridge:
             return  # the same bridge again: keep the carrier (and a 2022 session) running
         target = _server_view(peer.endpoint)
         if old is not None:  # ours, or left by a peer of the same key removed in this request
-            self._stop_carrier(peer.public_key)
+            self._stop_bridge(peer.public_key)
         if bridge is None:
-            # A udp2tcp peer configured without an endpoint had the server's address as one.
             peer.endpoint = None if old is not None and old.placeholder_endpoint else target
             peer.roaming = True
             return
         ident = self._next_carrier
         self._next_carrier += 1
         carrier = open_carrier(bridge, ident, self._from_bridge, self.udp.fwmark)
-        self.carriers[peer.public_key] = carrier
+        self.bridges[peer.public_key] = _Bridge(carrier, peer, placeholder_endpoint=target is None)
         self._carrier_by_id[ident] = carrier
-        self._carrier_peer[ident] = peer
         # Shadowsocks needs a target; udp2tcp's server has its own, so any endpoint will do.
         peer.endpoint = carrier.endpoint(target) if target is not None or bridge.kind == "udp2tcp" else None
-        carrier.placeholder_endpoint = target is None
         peer.roaming = False
         log.info("%s: a peer now goes through bridge %s", self.ifname, bridge.redacted())
         if self._nursery is not None:
             self._nursery.start_soon(carrier.run)
 
     def extension_lines(self, peer) -> list[str]:
-        carrier = self._carrier_of(peer)
-        if carrier is None:
+        bridged = self._bridge_of(peer)
+        if bridged is None:
             return []
-        st = carrier.statistics()
+        st = bridged.carrier.statistics()
         return [f"wgpy_bridge={st['bridge']}", f"wgpy_bridge_connected={int(st['connected'])}",
                 f"wgpy_bridge_tx_packets={st['sent']}", f"wgpy_bridge_rx_packets={st['received']}",
                 f"wgpy_bridge_dropped={st['dropped']}"]
 
-    def _carrier_of(self, peer) -> Carrier | None:
-        carrier = self.carriers.get(peer.public_key)
-        if carrier is None or self._carrier_peer.get(carrier.ident) is not peer:
-            return None
-        return carrier
+    def _bridge_of(self, peer) -> _Bridge | None:
+        bridged = self.bridges.get(peer.public_key)
+        return bridged if bridged is not None and bridged.peer is peer else None
 
-    def _stop_carrier(self, public_key: bytes) -> None:
-        carrier = self.carriers.pop(public_key)
+    def _stop_bridge(self, public_key: bytes) -> None:
+        carrier = self.bridges.pop(public_key).carrier
         carrier.scope.cancel()
         del self._carrier_by_id[carrier.ident]
-        del self._carrier_peer[carrier.ident]
 
     def forget_removed_peers(self) -> None:
         """After a set request: stop the carriers of peers that were removed (or removed and
         added again without their bridge)."""
-        for pk, carrier in list(self.carriers.items()):
-            if self.device.peers.get(pk) is not self._carrier_peer[carrier.ident]:
-                log.info("%s: bridge %s stopped: its peer is gone", self.ifname, carrier.spec.redacted())
-                self._stop_carrier(pk)
+        for pk, bridged in list(self.bridges.items()):
+            if self.device.peers.get(pk) is not bridged.peer:
+                log.info("%s: bridge %s stopped: its peer is gone", self.ifname, bridged.carrier.spec.redacted())
+                self._stop_bridge(pk)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -173,7 +167,7 @@ class Engine:
                 nursery.start_soon(self._uapi_server, listener)
                 nursery.start_soon(self._link_watcher)
                 nursery.start_soon(self._socket_watcher)
-                for carrier in self.carriers.values():
+                for carrier in self._carrier_by_id.values():
                     nursery.start_soon(carrier.run)
                 log.info("%s: up (listening on UDP port %d)", self.ifname, self.udp.port)
                 task_status.started()
@@ -190,8 +184,8 @@ class Engine:
             self._nursery.cancel_scope.cancel()
 
     def close(self) -> None:
-        for pk in list(self.carriers):
-            self._stop_carrier(pk)
+        for pk in list(self.bridges):
+            self._stop_bridge(pk)
         self.udp.close()
         if self._uapi_sock is not None:
             self._uapi_sock.close()
@@ -490,8 +484,17 @@ class Engine:
             "drops": dict(self.device.drops),
             "io_drops": dict(self.io_drops),
             "events": dict(self.device.stats),
-            "bridges": [c.statistics() for c in self.carriers.values()],
+            "bridges": [c.statistics() for c in self._carrier_by_id.values()],
         }
+
+
+@dataclass
+class _Bridge:
+    """A bridged peer: its carrier, and what the engine remembers about the peer."""
+
+    carrier: Carrier
+    peer: object  # the Peer object (a peer removed and added again is another one)
+    placeholder_endpoint: bool  # it had no endpoint of its own (udp2tcp then uses the server's)
 
 
 def _server_view(endpoint) -> tuple[str, int] | None:

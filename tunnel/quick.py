@@ -38,6 +38,13 @@ def _hook(commands: list[str], ifname: str, what: str) -> None:
             raise UpError(f"{what} command exited {r.returncode}: {cmd}")
 
 
+def _resolve(host: str, port: int, kind: int = socket.SOCK_DGRAM) -> str:
+    """A name's address, IPv4 preferred like wg does when both exist. Raises socket.gaierror."""
+    infos = socket.getaddrinfo(host, port, type=kind)
+    infos.sort(key=lambda i: i[0] != socket.AF_INET)
+    return infos[0][4][0]
+
+
 def resolve_endpoints(cfg: wgconfig.Config) -> dict[int, tuple[str, int]]:
     """Numeric endpoints for the daemon; a name that does not resolve is a FILE:LINE error."""
     out: dict[int, tuple[str, int]] = {}
@@ -53,13 +60,9 @@ def resolve_endpoints(cfg: wgconfig.Config) -> dict[int, tuple[str, int]]:
         except ValueError:
             pass
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            out[i] = (_resolve(host, port), port)
         except socket.gaierror as exc:
             errors.append((cfg.path, peer.line, f"Endpoint: cannot resolve {host!r}: {exc.strerror}"))
-            continue
-        # Prefer IPv4 like wg does when both exist.
-        infos.sort(key=lambda i: i[0] != socket.AF_INET)
-        out[i] = (infos[0][4][0], port)
     if errors:
         raise wgconfig.ConfigError(errors)
     return out
@@ -77,11 +80,9 @@ def resolve_bridge(spec: BridgeSpec) -> BridgeSpec:
     host, port = spec.server
     kind = socket.SOCK_STREAM if spec.kind == "udp2tcp" else socket.SOCK_DGRAM
     try:
-        infos = socket.getaddrinfo(host, port, type=kind)
+        return spec.with_host(_resolve(host, port, kind))
     except socket.gaierror as exc:
         raise BridgeError(f"cannot resolve the bridge server {host!r}: {exc.strerror}") from None
-    infos.sort(key=lambda i: i[0] != socket.AF_INET)
-    return spec.with_host(infos[0][4][0])
 
 
 def bridge_plan(cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]]) -> dict[int, BridgeSpec]:
@@ -109,18 +110,11 @@ def set_bridges(ifname: str, changes: list[tuple[bytes, str | None]], *, out=pri
     wg-quick with WG_QUICK_USERSPACE_IMPLEMENTATION=wgpy-daemon, or by hand): resolve each
     bridge's server, send them in one UAPI request (all or nothing), then lower the interface's
     MTU if a bridge's overhead no longer lets it fit the path to that bridge's server."""
+    status = control.get_status(ifname)
     peers: dict[bytes, tuple[str, int] | None] = {}
-    fwmark = 0
-    current: bytes | None = None
-    for key, value in control.get_lines(ifname):
-        if key == "public_key":
-            current = bytes.fromhex(value)
-            peers[current] = None
-        elif key == "endpoint" and current is not None:
-            host, _, port = value.rpartition(":")
-            peers[current] = (host.strip("[]"), int(port))
-        elif key == "fwmark":
-            fwmark = int(value)
+    for p in status.peers:
+        host, _, port = (p.endpoint or "").rpartition(":")
+        peers[base64.b64decode(p.public_key)] = (host.strip("[]"), int(port)) if host else None
     lines: list[str] = []
     bridged: list[tuple[BridgeSpec, tuple[str, int] | None]] = []
     for public_key, value in changes:
@@ -139,7 +133,7 @@ def set_bridges(ifname: str, changes: list[tuple[bytes, str | None]], *, out=pri
         control.set_config(ifname, lines)
     except control.ControlError as exc:
         raise UpError(f"{exc} (bridges need wgpy-daemon; wireguard-go has none)") from None
-    need = min((_bridge_mtu(spec, target, fwmark) for spec, target in bridged), default=None)
+    need = min((_bridge_mtu(spec, target, status.fwmark) for spec, target in bridged), default=None)
     try:
         with open(f"/sys/class/net/{ifname}/mtu") as f:
             mtu = int(f.read())
