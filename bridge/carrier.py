@@ -52,6 +52,26 @@ class BridgedEndpoint(NamedTuple):
 Deliver = Callable[[list[tuple[bytes, BridgedEndpoint]]], None]
 
 
+def open_reply(cipher, session, packet, now: float, drops: Drops):
+    """(source address, payload) of a Shadowsocks reply from the server (`session`: the 2022
+    client session, else AEAD-2017 `cipher`), or None after counting why it was dropped.
+    Shared by the daemon's carrier and bridge.ss_local."""
+    from .shadowsocks import ShadowsocksError
+    from .shadowsocks.errors import AuthenticationError, ReplayError
+
+    try:
+        if session is not None:
+            return session.open(packet, now)
+        return cipher.open_udp(packet)
+    except AuthenticationError:
+        drops.add("reply failed authentication")
+    except ReplayError:
+        drops.add("reply replayed")
+    except ShadowsocksError:
+        drops.add("reply malformed")
+    return None
+
+
 class Carrier:
     """What the engine needs from any carrier."""
 
@@ -197,9 +217,6 @@ class ShadowsocksCarrier(Carrier):
         return sock
 
     async def _receive(self, sock: socket.socket) -> None:
-        from .shadowsocks import ShadowsocksError
-        from .shadowsocks.errors import AuthenticationError, ReplayError
-
         buf = bytearray(MAX_DATAGRAM)
         view = memoryview(buf)
         drops, ident, session, cipher = self.drops, self.ident, self.session, self.cipher
@@ -217,20 +234,10 @@ class ShadowsocksCarrier(Carrier):
                         return
                     drops.add(f"udp receive: {errname(exc)}")  # ICMP: the server port is closed
                     continue
-                try:
-                    if session is not None:
-                        source, payload = session.open(view[:n], now)
-                    else:
-                        source, payload = cipher.open_udp(view[:n])
-                except AuthenticationError:
-                    drops.add("reply failed authentication")
+                opened = open_reply(cipher, session, view[:n], now, drops)
+                if opened is None:
                     continue
-                except ReplayError:
-                    drops.add("reply replayed")
-                    continue
-                except ShadowsocksError:
-                    drops.add("reply malformed")
-                    continue
+                source, payload = opened
                 batch.append((payload, BridgedEndpoint(str(source[0]), int(source[1]), ident)))
             if batch:
                 self.received += len(batch)

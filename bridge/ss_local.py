@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import trio
 
 from .shadowsocks import Cipher, ShadowsocksError, Udp2022Client, parse_uri
-from .shadowsocks.errors import AuthenticationError, ReplayError
+from .carrier import open_reply
 from .netio import Drops, errname, exit_code, format_address, resolve, split_hostport
 from .spec import BridgeError, parse_bridge
 
@@ -132,20 +132,12 @@ class SsLocalForwarder:
         return Statistics(peer=self.peer, sent=self._sent, received=self._received,
                           dropped=self._drops.total, drop_reasons=dict(self._drops.reasons))
 
-    # ---- sans-IO halves (also used by tests)
+    # ---- sans-IO half (the reply side is carrier.open_reply, shared with the daemon)
 
     def seal(self, payload: bytes, now: float | None = None) -> bytes:
         if self.session is not None:
             return self.session.seal(self.target, payload, time.time() if now is None else now)
         return self.cipher.seal_udp(self.target, payload)
-
-    def open(self, packet: bytes, now: float | None = None) -> bytes:
-        """The payload of a reply; raises a ShadowsocksError for anything else."""
-        if self.session is not None:
-            _, payload = self.session.open(packet, time.time() if now is None else now)
-        else:
-            _, payload = self.cipher.open_udp(packet)
-        return payload
 
     # ---- I/O
 
@@ -228,17 +220,10 @@ class SsLocalForwarder:
                 except OSError as exc:  # ECONNREFUSED: the server port is closed right now
                     drops.add(f"udp receive: {errname(exc)}")
                     continue
-                try:
-                    payload = self.open(view[:n], now)
-                except AuthenticationError:
-                    drops.add("reply failed authentication")
+                opened = open_reply(self.cipher, self.session, view[:n], now, drops)
+                if opened is None:
                     continue
-                except ReplayError:
-                    drops.add("reply replayed")
-                    continue
-                except ShadowsocksError:
-                    drops.add("reply malformed")
-                    continue
+                payload = opened[1]
                 if self.peer is None:
                     drops.add("no local peer yet")
                     continue
