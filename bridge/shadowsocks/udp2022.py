@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from cryptography.exceptions import InvalidTag
 
-from tunnel.noise.replay import ReplayFilter
+from transport.replay import ReplayFilter
 
 from .address import Address, address_length, encode_address
 from .cipher import Cipher, parse_udp_address

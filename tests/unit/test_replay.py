@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from tunnel.noise.replay import WINDOW_SIZE, ReplayFilter
+from transport.replay import WINDOW_SIZE, ReplayFilter
 
 LIMIT = 1 << 40
 

@@ -10,7 +10,7 @@ import pytest
 
 from tunnel.noise import crypto, tai64n
 from tunnel.noise.handshake import SymmetricState
-from tunnel.noise.replay import WINDOW_SIZE, ReplayFilter
+from transport.replay import WINDOW_SIZE, ReplayFilter
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from .constants import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
-from .replay import ReplayFilter
+from transport.replay import ReplayFilter
 
 if TYPE_CHECKING:
     from .peer import Peer

@@ -1,12 +1,11 @@
-"""Sliding replay window for transport counters (RFC 6479, as in the kernel and wireguard-go).
+"""Sliding replay window for datagram counters (RFC 6479, as in the kernel and wireguard-go).
 
-A ring of 128 64-bit words: the window accepts counters up to 8128 behind the highest seen. Call
+Shared by WireGuard transport data (tunnel.noise) and Shadowsocks 2022 UDP packet ids
+(bridge.shadowsocks.udp2022). A ring of 128 64-bit words: the window accepts counters up to 8128 behind the highest seen. Call
 `check_and_update` only after the packet authenticated, so forged counters cannot move the window.
 """
 
 from __future__ import annotations
-
-from .constants import REJECT_AFTER_MESSAGES
 
 _BLOCK_BITS_LOG = 6
 _BLOCK_BITS = 1 << _BLOCK_BITS_LOG  # 64
@@ -14,6 +13,7 @@ RING_BLOCKS = 128
 _RING_MASK = RING_BLOCKS - 1
 WINDOW_SIZE = (RING_BLOCKS - 1) * _BLOCK_BITS  # 8128
 _EMPTY_RING = (0,) * RING_BLOCKS
+NO_LIMIT = 1 << 64  # counters are u64: callers with a protocol limit pass it
 
 
 class ReplayFilter:
@@ -27,7 +27,7 @@ class ReplayFilter:
         self.last = 0
         self._ring[:] = _EMPTY_RING
 
-    def check_and_update(self, counter: int, limit: int = REJECT_AFTER_MESSAGES) -> bool:
+    def check_and_update(self, counter: int, limit: int = NO_LIMIT) -> bool:
         """True if `counter` is new (and records it); False for a replay, a counter too old for
         the window, or one at or past `limit`."""
         if counter >= limit:
