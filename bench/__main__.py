@@ -29,6 +29,16 @@ def _positive(text: str) -> int:
     return v
 
 
+def _with_base(pairs: list[tuple], base: str) -> list[tuple]:
+    """Each pair with a wgpy client, followed by the same pair with the other checkout's wgpy."""
+    out = []
+    for pair in pairs:
+        out.append(pair)
+        if pair[0] == "wgpy":
+            out.append((base, base if pair[1] == "wgpy" else pair[1], *pair[2:]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="wgpy bench", description="wgpy benchmarks")
     sub = p.add_subparsers(dest="what", metavar="BENCHMARK")
@@ -43,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seconds", type=_positive, default=5, help="iperf3 time per direction (default 5)")
     t.add_argument("--bridge", action="store_true",
                    help="instead: through Shadowsocks, wireguard-go+ss-tunnel+ss-server vs wgpy's own bridge")
+    t.add_argument("--against", metavar="CHECKOUT",
+                   help="also measure the wgpy of another checkout (e.g. the previous commit) as wgpy@base")
+    t.add_argument("--rounds", type=_positive, default=1,
+                   help="measure every pair this many times, alternating (default 1)")
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     if args.what == "tunnel":
@@ -55,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             pairs = [("veth", "veth"), ("wireguard-go", "wireguard-go"), ("wgpy", "wgpy"), ("wgpy", "wireguard-go")]
             reference = "wireguard-go <-> wireguard-go"
-        figures = tunnel.run(pairs, args.seconds)
+        if args.against:
+            pairs = _with_base(pairs, tunnel.add_checkout(args.against))
+        figures = tunnel.run(pairs * args.rounds, args.seconds)
         if args.json:
             print(json.dumps([f.__dict__ for f in figures], indent=2))
         else:

@@ -23,6 +23,31 @@ from tunnel.keys import encode_base64_key, generate_private_key, public_key
 
 WGPY_DAEMON = str(Path(sys.executable).with_name("wgpy-daemon"))
 IMPLS = {"wgpy": [WGPY_DAEMON, "-f"], "wireguard-go": ["wireguard-go", "-f"]}
+BASE = "wgpy@base"  # wgpy from another checkout (--against), run with this Python
+_checkouts: dict[str, str] = {}  # impl -> checkout directory whose code it runs
+
+
+def add_checkout(path: str) -> str:
+    """Measure the wgpy of another checkout (e.g. the commit before a change) as BASE, with
+    this run's Python and dependencies, so a change is compared with its parent in one run."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(os.path.join(path, "tunnel", "daemon.py")):
+        raise SystemExit(f"--against {path}: not a wgpy checkout (no tunnel/daemon.py)")
+    _checkouts[BASE] = path
+    IMPLS[BASE] = [sys.executable, "-m", "tunnel.daemon", "-f"]
+    return BASE
+
+
+def _env(impl: str) -> dict[str, str]:
+    env = {**os.environ, "LOG_LEVEL": "error"}
+    if impl in _checkouts:
+        env["PYTHONPATH"] = _checkouts[impl]
+    return env
+
+
+def _wgpy(impl: str) -> list[str]:
+    """The `wgpy` command of an implementation's checkout."""
+    return [sys.executable, "-m", "tunnel.cli"] if impl in _checkouts else [WGPY]
 
 
 @dataclass
@@ -80,7 +105,7 @@ class Lab:
 
     def start_interface(self, side: int, impl: str, ifname: str) -> None:
         p = subprocess.Popen(self.exec(side, *IMPLS[impl], ifname), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env={**os.environ, "LOG_LEVEL": "error"})
+                             stderr=subprocess.DEVNULL, env=_env(impl), cwd=_checkouts.get(impl))
         self.procs.append(p)
         sock = f"/var/run/wireguard/{ifname}.sock"
         self.sockets.append(sock)
@@ -130,7 +155,7 @@ BRIDGES = {"libev": "libev", "wgpy": "wgpy (daemon + wgpy bridge serve)",
            "wgpy+libev": "wgpy daemon + libev ss-server"}
 
 
-def _start_bridge(lab: "Lab", bridge: str) -> str:
+def _start_bridge(lab: "Lab", bridge: str, impl: str = "wgpy") -> str:
     """Start the bridge's processes; returns the endpoint side a's WireGuard must use (for the
     daemon's own carrier: the WireGuard port as the server sees it)."""
     if bridge in ("libev", "wgpy+libev"):
@@ -139,11 +164,12 @@ def _start_bridge(lab: "Lab", bridge: str) -> str:
                   "-b", "127.0.0.1", "-l", "51999", "-L", "127.0.0.1:51821", "-U"]
         procs = ((1, server, 8388), (0, client, 51999)) if bridge == "libev" else ((1, server, 8388),)
     else:
-        server = [WGPY, "bridge", "serve", "--listen", f"ss://{BRIDGE_METHOD}:{BRIDGE_PASSWORD}@10.231.0.2:8388",
-                  "--allow", "127.0.0.1:51821"]
+        server = [*_wgpy(impl), "bridge", "serve", "--listen",
+                  f"ss://{BRIDGE_METHOD}:{BRIDGE_PASSWORD}@10.231.0.2:8388", "--allow", "127.0.0.1:51821"]
         procs = ((1, server, 8388),)
     for side, argv, port in procs:
-        lab.procs.append(subprocess.Popen(lab.exec(side, *argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        lab.procs.append(subprocess.Popen(lab.exec(side, *argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          env=_env(impl), cwd=_checkouts.get(impl)))
         deadline = time.monotonic() + 10
         while f":{port} " not in _run(*lab.exec(side, "ss", "-Hlun"), check=False).stdout:
             if time.monotonic() > deadline:
@@ -163,7 +189,7 @@ def measure_pair(left: str, right: str, seconds: int, bridge: str | None = None)
             return figures
         ka, kb = generate_private_key(), generate_private_key()
         names = [f"wgb{lab.tag}a", f"wgb{lab.tag}b"]
-        endpoint = _start_bridge(lab, bridge) if bridge else "10.231.0.2:51821"
+        endpoint = _start_bridge(lab, bridge, right) if bridge else "10.231.0.2:51821"
         mtu = str(BRIDGE_MTU if bridge else 1420)
         for side, impl, key, other, port, peer_ep in (
             (0, left, ka, kb, 51820, endpoint),
@@ -180,7 +206,9 @@ def measure_pair(left: str, right: str, seconds: int, bridge: str | None = None)
             _run("ip", "-n", lab.ns[side], "addr", "add", f"10.232.0.{side + 1}/24", "dev", names[side])
             _run("ip", "-n", lab.ns[side], "link", "set", names[side], "mtu", mtu, "up")
         if bridge in ("wgpy", "wgpy+libev"):
-            _run(*lab.exec(0, WGPY, "set", names[0], "peer", encode_base64_key(public_key(kb)), "bridge", BRIDGE_URI))
+            subprocess.run(lab.exec(0, *_wgpy(left), "set", names[0], "peer", encode_base64_key(public_key(kb)),
+                                    "bridge", BRIDGE_URI), check=True, capture_output=True, timeout=30,
+                           env=_env(left), cwd=_checkouts.get(left))
         _run(*lab.exec(0, "ping", "-c", "1", "-W", "5", "10.232.0.2"))
         for reverse in (False, True):
             mbps, retr = lab.iperf(1, 0, "10.232.0.2", seconds, reverse)

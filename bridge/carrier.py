@@ -1,20 +1,23 @@
-"""Bridge carriers inside the engine: a bridged peer's WireGuard datagrams leave through a
-Shadowsocks or udp-over-tcp client instead of the interface's UDP socket, in the same process.
+"""Bridge transports: a bridged peer's WireGuard datagrams leave through a Shadowsocks or
+udp-over-tcp client instead of the interface's UDP port, inside the same process.
 
-    Device --(datagram, BridgedEndpoint)--> Engine._send --> carrier.send --> bridge server --> peer
-    Device <--(datagram, BridgedEndpoint)-- deliver(batch) <-- carrier (receive task) <--
+    Device --(datagram, Endpoint(via=N))--> engine --> transport N .send --> bridge server --> peer
+    Device <--(datagram, Endpoint(via=N))-- engine <-- transport N receive function <--
 
-A bridged peer's endpoint is a BridgedEndpoint: the WireGuard endpoint as the bridge server sees
-it (the Shadowsocks target; informational for udp2tcp, whose server has a fixed target) plus the
-number of the carrier that reaches it. It is still an (ip, port) for `wg show` and cookies, and
-the peer does not roam (Peer.roaming = False): an authentic packet that arrives some other way
-is accepted but never moves the peer's traffic off the bridge.
+Both implement transport.base.Transport, so the engine drives them exactly as it drives UDP.
+A bridged peer's endpoint is an `Endpoint(host, port, via=N)`: the WireGuard endpoint as the
+bridge server sees it (the Shadowsocks target; informational for udp2tcp, whose server has a
+fixed target) and the number of the transport that reaches it. The peer is pinned (the core
+never moves it to a packet's source), so an authentic packet arriving some other way cannot
+take its traffic off the bridge.
 
-Carriers never raise out of `send` and never stop on a network error: a socket that cannot be
+Transports never raise out of `send` and never stop on a network error: a socket that cannot be
 opened or connected is retried with backoff (the route to the server may come up later), and
-every datagram lost is counted by reason in `statistics()`. The Shadowsocks socket and the
-udp2tcp connection carry the interface's fwmark, so a full tunnel's policy routing sends them
-outside the tunnel; `set_fwmark` follows changes (Linux re-routes a socket whose mark changes).
+every datagram lost is counted by reason. Their sockets carry the interface's fwmark, so a full
+tunnel's policy routing sends them outside the tunnel; `set_fwmark` follows changes.
+
+`ShadowsocksTransport` is the one Shadowsocks client: bridge.ss_local (the standalone forwarder
+for wireguard-go or the kernel) is this transport plus a local UDP socket.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ import errno
 import logging
 import socket
 import time
-from typing import Callable, NamedTuple
+from collections import deque
 
 import trio
 
-from .netio import Drops, errname
+from transport.base import Datagram, Endpoint, ReceiveFunc, Transport
+
+from .netio import errname
+from .shadowsocks import ShadowsocksError, Udp2022Client
+from .shadowsocks.errors import AuthenticationError, ReplayError
 from .spec import BridgeSpec
+from .udp2tcp import DatagramTooLarge, Udp2TcpClient
 
 log = logging.getLogger("wgpy.bridge")
 
@@ -36,167 +44,201 @@ BATCH = 128  # datagrams read per wakeup
 MAX_DATAGRAM = 0xFFFF
 SOCKET_BUFFER = 4 << 20  # requested SO_RCVBUF / SO_SNDBUF (best effort)
 RETRY_MIN, RETRY_MAX = 0.1, 5.0  # backoff for a socket that cannot be opened or connected
+RECEIVE_QUEUE = 4096  # udp2tcp: datagrams decoded but not yet taken by the engine
 # Send errors meaning the socket's source address or route is gone (the host moved to another
 # network): a connected UDP socket keeps the source it was given, so only a new socket recovers.
 REOPEN_ERRNOS = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH})
 
 
-class BridgedEndpoint(NamedTuple):
-    """A peer reached through carrier number `carrier`, at (host, port) as its server sees it."""
+class BridgeTransport(Transport):
+    """What both bridges share: a spec, a number, and the endpoint values they produce."""
 
-    host: str
-    port: int
-    carrier: int
-
-
-Deliver = Callable[[list[tuple[bytes, BridgedEndpoint]]], None]
-
-
-def open_reply(cipher, session, packet, now: float, drops: Drops):
-    """(source address, payload) of a Shadowsocks reply from the server (`session`: the 2022
-    client session, else AEAD-2017 `cipher`), or None after counting why it was dropped.
-    Shared by the daemon's carrier and bridge.ss_local."""
-    from .shadowsocks import ShadowsocksError
-    from .shadowsocks.errors import AuthenticationError, ReplayError
-
-    try:
-        if session is not None:
-            return session.open(packet, now)
-        return cipher.open_udp(packet)
-    except AuthenticationError:
-        drops.add("reply failed authentication")
-    except ReplayError:
-        drops.add("reply replayed")
-    except ShadowsocksError:
-        drops.add("reply malformed")
-    return None
-
-
-class Carrier:
-    """What the engine needs from any carrier."""
-
-    def __init__(self, spec: BridgeSpec, ident: int, deliver: Deliver, fwmark: int) -> None:
+    def __init__(self, spec: BridgeSpec, ident: int, fwmark: int = 0) -> None:
+        super().__init__()
         self.spec = spec
         self.ident = ident
-        self.deliver = deliver
         self.fwmark = fwmark
-        self.sent = 0  # datagrams handed to the network
-        self.received = 0  # datagrams delivered to the device
-        self.drops = Drops()
-        self.scope = trio.CancelScope()  # the engine cancels it to stop the carrier
 
-    def endpoint(self, target: tuple[str, int] | None) -> BridgedEndpoint:
-        """The endpoint the device uses for a peer at `target` (the server's view) through us."""
-        host, port = target if target is not None else self.spec.server
-        return BridgedEndpoint(host, port, self.ident)
-
-    @property
-    def connected(self) -> bool:
-        raise NotImplementedError
-
-    def send(self, datagram: bytes, endpoint: BridgedEndpoint) -> None:
-        raise NotImplementedError
-
-    def set_fwmark(self, mark: int) -> None:
-        raise NotImplementedError
-
-    async def run(self) -> None:
-        raise NotImplementedError
+    def endpoint(self, target: tuple[str, int] | None) -> Endpoint:
+        """The endpoint the device uses for a peer at `target` (the server's view) through us;
+        None: the server itself (udp2tcp, whose server has a fixed target)."""
+        host, port = target[0:2] if target is not None else self.spec.server
+        return Endpoint(host, port, self.ident)
 
     def statistics(self) -> dict:
-        return {"bridge": self.spec.redacted(), "connected": self.connected, "sent": self.sent,
-                "received": self.received, "dropped": self.drops.total,
-                "drop_reasons": dict(self.drops.reasons)}
+        return {**super().statistics(), "bridge": self.spec.redacted()}
 
 
-def open_carrier(spec: BridgeSpec, ident: int, deliver: Deliver, fwmark: int = 0) -> Carrier:
+def open_bridge(spec: BridgeSpec, ident: int, fwmark: int = 0) -> BridgeTransport:
     if spec.kind == "udp2tcp":
-        return Udp2TcpCarrier(spec, ident, deliver, fwmark)
-    return ShadowsocksCarrier(spec, ident, deliver, fwmark)
+        return Udp2TcpTransport(spec, ident, fwmark)
+    return ShadowsocksTransport(spec, ident, fwmark)
 
 
-class ShadowsocksCarrier(Carrier):
-    """Shadowsocks UDP: every datagram sealed for the peer's endpoint (the target address inside
-    the packet) and sent from one UDP socket connected to the server; replies opened, their
-    source address becoming the endpoint the device sees them from."""
+class ShadowsocksTransport(BridgeTransport):
+    """Shadowsocks UDP: every datagram sealed for its endpoint (the target address inside the
+    packet) and sent from one UDP socket connected to the server; replies opened, their source
+    address becoming the endpoint the device sees them from.
 
-    def __init__(self, spec: BridgeSpec, ident: int, deliver: Deliver, fwmark: int) -> None:
-        super().__init__(spec, ident, deliver, fwmark)
-        from .shadowsocks import Udp2022Client, parse_uri
+    The receive function owns the socket's life: it opens it (retrying with backoff), and opens
+    a new one when `reopen` closed the old (after sends showed the host's address is gone)."""
 
-        self.cipher = parse_uri(spec.uri).cipher()
-        # 2022: one client session for the carrier's life (session id, packet ids, replay window).
+    kind = "ss"
+
+    def __init__(self, spec: BridgeSpec, ident: int, fwmark: int = 0) -> None:
+        super().__init__(spec, ident, fwmark)
+        self.cipher = spec.cipher()
+        # 2022: one client session for the transport's life (session id, packet ids, replay window).
         self.session = Udp2022Client(self.cipher) if self.cipher.method.is_2022 else None
         self._sock: socket.socket | None = None
+        self._retry = RETRY_MIN
+        self._buf = bytearray(MAX_DATAGRAM)
+        self._closed = False
 
     @property
     def connected(self) -> bool:
         return self._sock is not None
 
-    def send(self, datagram: bytes, endpoint: BridgedEndpoint) -> None:
-        from .shadowsocks import ShadowsocksError
+    # ---- the sans-IO halves (also used by bridge.ss_local)
 
-        sock = self._sock
-        if sock is None:
-            self.drops.add("no socket to the server yet")
-            return
-        target = (endpoint.host, endpoint.port)
+    def seal(self, datagram: bytes | memoryview, target: tuple[str, int], now: float) -> bytes:
+        """Raises ShadowsocksError (a 2022 session out of packet ids, a bad clock)."""
+        if self.session is not None:
+            return self.session.seal(target, datagram, now)
+        return self.cipher.seal_udp(target, datagram)
+
+    def open_reply(self, packet: bytes | memoryview, now: float):
+        """(source address, payload) of a reply from the server, or None after counting why
+        it was dropped."""
+        drops = self.drops
         try:
             if self.session is not None:
-                packet = self.session.seal(target, datagram, time.time())
-            else:
-                packet = self.cipher.seal_udp(target, datagram)
-        except ShadowsocksError as exc:  # a 2022 session out of packet ids, a bad clock
-            self.drops.add(f"seal: {type(exc).__name__}")
+                return self.session.open(packet, now)
+            return self.cipher.open_udp(packet)
+        except AuthenticationError:
+            drops.add("reply failed authentication")
+        except ReplayError:
+            drops.add("reply replayed")
+        except ShadowsocksError:
+            drops.add("reply malformed")
+        return None
+
+    # ---- sending
+
+    def send(self, datagrams: list[Datagram]) -> list[Datagram]:
+        sock = self._sock
+        if sock is None:
+            self.drops.add("no socket to the server yet", len(datagrams))
+            return []
+        now = time.time()
+        seal, drops = self.seal, self.drops
+        sent = 0
+        for i, (datagram, endpoint) in enumerate(datagrams):
+            try:
+                packet = seal(datagram, (endpoint[0], endpoint[1]), now)
+            except ShadowsocksError as exc:
+                drops.add(f"seal: {type(exc).__name__}")
+                continue
+            try:
+                sock.send(packet)
+            except BlockingIOError:
+                # The 2022 packet id is spent; the resend seals again with a new one.
+                self.sent += sent
+                return datagrams[i:]
+            except OSError as exc:  # EMSGSIZE (MTU too high for the bridge), ECONNREFUSED, EPERM
+                drops.add(f"udp send: {errname(exc)}")
+                if exc.errno in REOPEN_ERRNOS:
+                    self.reopen(errname(exc))
+                    drops.add("no socket to the server yet", len(datagrams) - i - 1)
+                    break
+                continue
+            sent += 1
+        self.sent += sent
+        return []
+
+    async def wait_writable(self) -> None:
+        sock = self._sock
+        if sock is None:
             return
         try:
-            sock.send(packet)
-        except BlockingIOError:
-            self.drops.add("server socket full")
-            return
-        except OSError as exc:  # EMSGSIZE (MTU too high for the bridge), ECONNREFUSED, EPERM
-            self.drops.add(f"udp send: {errname(exc)}")
-            if exc.errno in REOPEN_ERRNOS:
-                self.reopen(errname(exc))
-            return
-        self.sent += 1
+            await trio.lowlevel.wait_writable(sock)
+        except trio.ClosedResourceError:
+            pass
 
     def reopen(self, why: str) -> None:
-        """Replace the socket (the receive task wakes, `run` opens a new one at once)."""
+        """Replace the socket (the receive function wakes and opens a new one at once)."""
         sock = self._sock
         if sock is None:
             return
         self._sock = None
         log.warning("bridge %s: new socket to the server (%s)", self.spec.redacted(), why)
         trio.lowlevel.notify_closing(sock)
+        sock.close()
 
     def set_fwmark(self, mark: int) -> None:
         self.fwmark = mark
         if self._sock is not None:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
 
-    async def run(self) -> None:
-        delay = RETRY_MIN
-        with self.scope:
-            while True:
-                try:
-                    sock = self._open()
-                except OSError as exc:
-                    log.warning("bridge %s: cannot reach the server: %s; retrying in %.1f s",
-                                self.spec.redacted(), exc.strerror or exc, delay)
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX)
-                    continue
-                delay = RETRY_MIN
-                log.info("bridge %s: carrier %d up", self.spec.redacted(), self.ident)
-                self._sock = sock
-                try:
-                    await self._receive(sock)
-                except trio.ClosedResourceError:
-                    pass  # reopen(): a new socket now
-                finally:
-                    self._sock = None
-                    sock.close()
+    # ---- receiving
+
+    def receivers(self) -> list[ReceiveFunc]:
+        return [self._receive]
+
+    async def _receive(self) -> list[Datagram]:
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("transport closed")
+            sock = self._sock
+            if sock is None:
+                sock = await self._open_with_retry()
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                continue  # reopen() or close(): the loop decides
+            batch = self._drain(sock)
+            if batch:
+                return batch
+
+    def _drain(self, sock: socket.socket) -> list[Datagram]:
+        buf = self._buf
+        view = memoryview(buf)
+        drops, ident = self.drops, self.ident
+        open_reply = self.open_reply
+        now = time.time()
+        batch: list[Datagram] = []
+        for _ in range(BATCH):
+            try:
+                n = sock.recv_into(buf)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    break
+                drops.add(f"udp receive: {errname(exc)}")  # ICMP: the server port is closed
+                continue
+            opened = open_reply(view[:n], now)
+            if opened is None:
+                continue
+            source, payload = opened
+            batch.append((payload, Endpoint(str(source[0]), int(source[1]), ident)))
+        self.received += len(batch)
+        return batch
+
+    async def _open_with_retry(self) -> socket.socket:
+        while True:
+            try:
+                sock = self._open()
+            except OSError as exc:
+                log.warning("bridge %s: cannot reach the server: %s; retrying in %.1f s",
+                            self.spec.redacted(), exc.strerror or exc, self._retry)
+                await trio.sleep(self._retry)
+                self._retry = min(self._retry * 2, RETRY_MAX)
+                continue
+            self._retry = RETRY_MIN
+            log.info("bridge %s: transport %d up", self.spec.redacted(), self.ident)
+            self._sock = sock
+            return sock
 
     def _open(self) -> socket.socket:
         host, port = self.spec.server
@@ -216,75 +258,91 @@ class ShadowsocksCarrier(Carrier):
             raise
         return sock
 
-    async def _receive(self, sock: socket.socket) -> None:
-        buf = bytearray(MAX_DATAGRAM)
-        view = memoryview(buf)
-        drops, ident, session, cipher = self.drops, self.ident, self.session, self.cipher
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            now = time.time()
-            batch: list[tuple[bytes, BridgedEndpoint]] = []
-            for _ in range(BATCH):
-                try:
-                    n = sock.recv_into(buf)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno == errno.EBADF:
-                        return
-                    drops.add(f"udp receive: {errname(exc)}")  # ICMP: the server port is closed
-                    continue
-                opened = open_reply(cipher, session, view[:n], now, drops)
-                if opened is None:
-                    continue
-                source, payload = opened
-                batch.append((payload, BridgedEndpoint(str(source[0]), int(source[1]), ident)))
-            if batch:
-                self.received += len(batch)
-                self.deliver(batch)
+    def close(self) -> None:
+        self._closed = True
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                trio.lowlevel.notify_closing(sock)
+            except RuntimeError:
+                pass  # not inside trio: nobody waits on it
+            sock.close()
 
 
-class Udp2TcpCarrier(Carrier):
-    """udp-over-tcp: one TCP connection to the server, kept up (bridge.udp2tcp.Udp2TcpClient).
-    The framing carries no address, so replies are delivered as coming from the endpoint the
-    peer was last sent to (or the server, before anything was sent)."""
+class Udp2TcpTransport(BridgeTransport):
+    """udp-over-tcp: one TCP connection to the server, kept up by `run` (Udp2TcpClient). The
+    framing carries no address, so replies are delivered as coming from the endpoint the peer
+    was last sent to (or the server, before anything was sent)."""
 
-    def __init__(self, spec: BridgeSpec, ident: int, deliver: Deliver, fwmark: int) -> None:
-        super().__init__(spec, ident, deliver, fwmark)
-        from .udp2tcp import Udp2TcpClient
+    kind = "udp2tcp"
 
+    def __init__(self, spec: BridgeSpec, ident: int, fwmark: int = 0) -> None:
+        super().__init__(spec, ident, fwmark)
         self.client = Udp2TcpClient(spec.server, on_datagrams=self._on_datagrams, fwmark=fwmark)
         self._source = self.endpoint(None)
+        self._inbox: deque[bytes] = deque()
+        self._arrived = trio.Event()
+        self._closed = False
 
     @property
     def connected(self) -> bool:
         return self.client.connected
 
-    def send(self, datagram: bytes, endpoint: BridgedEndpoint) -> None:
-        from .udp2tcp import DatagramTooLarge
+    async def run(self, *, task_status) -> None:
+        await self.client.run(task_status=task_status)
 
-        self._source = endpoint
-        try:
-            self.client.send(datagram)  # never blocks; drops counted by the client
-        except DatagramTooLarge:  # over the u16 frame: an interface MTU above 65503
-            self.drops.add("datagram too large for udp2tcp")
+    def send(self, datagrams: list[Datagram]) -> list[Datagram]:
+        client = self.client
+        for i, (datagram, endpoint) in enumerate(datagrams):
+            if client.would_block:
+                return datagrams[i:]
+            self._source = endpoint
+            try:
+                client.send(datagram)  # never blocks; drops counted by the client
+            except DatagramTooLarge:  # over the u16 frame: an interface MTU above 65503
+                self.drops.add("datagram too large for udp2tcp")
+        return []
 
-    def _on_datagrams(self, datagrams: list[bytes]) -> None:
-        source = self._source
-        self.deliver([(d, source) for d in datagrams])
+    async def wait_writable(self) -> None:
+        await self.client.wait_writable()
 
     def set_fwmark(self, mark: int) -> None:
         self.fwmark = mark
         self.client.set_fwmark(mark)
 
-    async def run(self) -> None:
-        with self.scope:
-            await self.client.run()
+    def receivers(self) -> list[ReceiveFunc]:
+        return [self._receive]
+
+    def _on_datagrams(self, datagrams: list[bytes]) -> None:
+        inbox = self._inbox
+        room = RECEIVE_QUEUE - len(inbox)
+        if len(datagrams) > room:
+            self.drops.add("receive queue full", len(datagrams) - max(room, 0))
+            datagrams = datagrams[:max(room, 0)]
+        inbox.extend(datagrams)
+        self._arrived.set()
+
+    async def _receive(self) -> list[Datagram]:
+        while not self._inbox:
+            if self._closed:
+                raise trio.ClosedResourceError("transport closed")
+            self._arrived = trio.Event()
+            await self._arrived.wait()
+        inbox, source = self._inbox, self._source
+        n = min(len(inbox), BATCH)
+        batch = [(inbox.popleft(), source) for _ in range(n)]
+        self.received += n
+        return batch
 
     def statistics(self) -> dict:
         stats = self.client.statistics()
-        return {"bridge": self.spec.redacted(), "connected": stats.connected, "sent": stats.sent,
-                "received": stats.received, "dropped": stats.dropped + self.drops.total,
+        return {"kind": self.kind, "bridge": self.spec.redacted(), "connected": stats.connected,
+                "sent": stats.sent, "received": stats.received,
+                "dropped": stats.dropped + self.drops.total,
                 "drop_reasons": {**stats.drop_reasons, **self.drops.reasons},
                 "reconnects": stats.reconnects}
 
+    def close(self) -> None:
+        self._closed = True
+        self._arrived.set()
+        self.client.disconnect()

@@ -1,31 +1,18 @@
 """Socket and command-line helpers shared by the bridge carriers (udp2tcp, ss_local, serve):
-non-blocking stream writes, address text, name resolution, drop counters, exit codes."""
+non-blocking stream writes, name resolution, exit codes (drop counters are transport.base.Drops). Address text is
+transport/address.py's."""
 
 from __future__ import annotations
 
 import errno
 import socket
 import sys
-from collections import Counter
 
 import trio
 
+from transport.address import format_address
+
 Address = tuple[str, int]
-
-
-def split_hostport(text: str) -> Address:
-    """"H:P" or "[v6]:P" -> (host, port). Raises ValueError naming what is wrong."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def format_address(addr: tuple) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def resolve(addr: Address, type: int, passive: bool = False) -> tuple[int, tuple]:
@@ -51,21 +38,6 @@ async def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) ->
             await trio.lowlevel.wait_writable(sock)
             continue
         view = view[n:]
-
-
-class Drops:
-    """Datagrams dropped, counted by reason."""
-
-    def __init__(self) -> None:
-        self.reasons: Counter[str] = Counter()
-
-    def add(self, reason: str, n: int = 1) -> None:
-        if n:
-            self.reasons[reason] += n
-
-    @property
-    def total(self) -> int:
-        return sum(self.reasons.values())
 
 
 def leaf_exception(exc: BaseException) -> BaseException:

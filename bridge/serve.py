@@ -43,8 +43,10 @@ from typing import Sequence
 
 import trio
 
+from transport.address import format_address
+
 from . import udp2tcp
-from .netio import errname, format_address, leaf_exception, send_all
+from .netio import errname, leaf_exception, send_all
 from .shadowsocks import (
     Address,
     AuthenticationError,

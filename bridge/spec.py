@@ -5,10 +5,13 @@
 
 One parser for every place a bridge is written: a config file's `Bridge =` (tunnel/config.py,
 tunnel/quick.py), the UAPI extension key `wgpy_bridge=` (tunnel/uapi.py) and `wgpy set ... bridge`.
+A BridgeSpec is parsed once: it holds the Shadowsocks server as a ServerConfig (method,
+password, host, port), and its canonical URI text for the UAPI and for equality.
 
 The daemon only takes numeric hosts, as UAPI's `endpoint=` does: the client side resolves names
 first (`with_host`), so the daemon never blocks on DNS and never resolves anything the user did
-not see resolved. Error messages never quote the value (an ss:// URI holds a password).
+not see resolved. Error messages never quote the value (an ss:// URI holds a password), and
+neither does repr().
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .netio import format_address
+from transport.address import AddressError, canonical_host, check_host, format_address, split_host_port
+
+from .shadowsocks import Cipher, ServerConfig, ShadowsocksError, Udp2022Client, Udp2022Server, format_uri, parse_uri
 
 Address = tuple[str, int]
 
@@ -32,6 +37,8 @@ class BridgeSpec:
     server: Address  # where the carrier sends: the Shadowsocks or udp-over-tcp server
     uri: str = field(repr=False)  # canonical text; for ss:// it holds the password
     method: str = ""  # the Shadowsocks method ("" for udp2tcp)
+    # ss:// only: the server as parsed (holds the password); compared through `uri`.
+    shadowsocks: ServerConfig | None = field(default=None, repr=False, compare=False)
 
     @property
     def numeric(self) -> bool:
@@ -41,15 +48,19 @@ class BridgeSpec:
         except ValueError:
             return False
 
+    def cipher(self) -> Cipher:
+        """A new Cipher for this Shadowsocks server (each carrier keeps its own)."""
+        if self.shadowsocks is None:
+            raise BridgeError(f"a {self.kind} bridge has no cipher")
+        return self.shadowsocks.cipher()
+
     def overhead(self, target: Any) -> int:
         """Bytes a datagram grows by between us and the server, in the larger of the two directions
         (outer IP/UDP headers not counted; replies carry `target` as their source). udp2tcp: 0,
         since TCP segments to the path whatever the datagram size."""
-        if self.kind == "udp2tcp":
+        if self.shadowsocks is None:
             return 0
-        from .shadowsocks import ShadowsocksError, Udp2022Client, Udp2022Server, parse_uri
-
-        cipher = parse_uri(self.uri).cipher()
+        cipher = self.cipher()
         try:
             if cipher.method.is_2022:
                 # The larger direction: replies carry the client's session id as well.
@@ -65,13 +76,26 @@ class BridgeSpec:
             return f"udp2tcp://{format_address(self.server)}"
         return f"ss://{self.method}@{format_address(self.server)}"
 
-    def with_host(self, host: str) -> "BridgeSpec":
-        """The same bridge with the server's host replaced (by its resolved address)."""
-        if self.kind == "udp2tcp":
-            return parse_bridge(f"udp2tcp://{format_address((host, self.server[1]))}")
-        from .shadowsocks import format_uri, parse_uri
+    def with_host(self, host: str) -> BridgeSpec:
+        """The same bridge with the server's host replaced (by its resolved address). Raises
+        BridgeError for a host that is not an IP address or a host name."""
+        try:
+            check_host(host)
+        except AddressError as exc:
+            raise BridgeError(f"bridge server: {exc}") from None
+        if self.shadowsocks is None:
+            return _udp2tcp_spec(canonical_host(host), self.server[1])
+        return _shadowsocks_spec(replace(self.shadowsocks, host=canonical_host(host)))
 
-        return parse_bridge(format_uri(replace(parse_uri(self.uri), host=host)))
+
+def _udp2tcp_spec(host: str, port: int) -> BridgeSpec:
+    return BridgeSpec("udp2tcp", (host, port), f"udp2tcp://{format_address((host, port))}")
+
+
+def _shadowsocks_spec(config: ServerConfig) -> BridgeSpec:
+    if config.plugin:
+        raise BridgeError("ss URI: plugins are not supported")
+    return BridgeSpec("ss", (config.host, config.port), format_uri(config), config.method, config)
 
 
 def parse_bridge(value: str, *, numeric: bool = False) -> BridgeSpec:
@@ -80,26 +104,19 @@ def parse_bridge(value: str, *, numeric: bool = False) -> BridgeSpec:
     scheme = scheme.lower()
     if not sep:
         raise BridgeError("expected ss://... or udp2tcp://HOST:PORT")
-    from .shadowsocks import ShadowsocksError, format_uri, parse_uri
-    from .shadowsocks.uri import split_host_port
-
     if scheme == "udp2tcp":
         try:
-            host, port = split_host_port(rest[:-1] if rest.endswith("/") else rest, "udp2tcp://")
-        except ShadowsocksError as exc:  # names the part that is wrong, quotes nothing
-            raise BridgeError(f"{exc} (expected udp2tcp://HOST:PORT)") from None
-        spec = BridgeSpec("udp2tcp", (host, port), f"udp2tcp://{format_address((host, port))}")
+            host, port = split_host_port(rest[:-1] if rest.endswith("/") else rest)
+        except AddressError as exc:  # names the part that is wrong, quotes nothing
+            raise BridgeError(f"udp2tcp://: {exc} (expected udp2tcp://HOST:PORT)") from None
+        spec = _udp2tcp_spec(canonical_host(host), port)
     elif scheme == "ss":
         try:
-            config = parse_uri(value)
-            uri = format_uri(config)
+            spec = _shadowsocks_spec(parse_uri(value))
         except ShadowsocksError as exc:  # messages never contain the password
             raise BridgeError(str(exc)) from None
         except UnicodeError:  # undecodable bytes in the password (a file read with surrogateescape)
             raise BridgeError("ss URI: the password is not valid UTF-8") from None
-        if config.plugin:
-            raise BridgeError("ss URI: plugins are not supported")
-        spec = BridgeSpec("ss", (config.host, config.port), uri, config.method)
     else:
         raise BridgeError("expected ss://... or udp2tcp://HOST:PORT")
     if numeric and not spec.numeric:

@@ -7,17 +7,15 @@ WireGuard interface, Endpoint = this port) talks to a fixed target through a Sha
 
     python -m bridge.ss_local --listen H:P --server-uri ss://... --target H:P [--fwmark N]
 
-Same shape as bridge.udp2tcp's LocalForwarder:
+It is the daemon's Shadowsocks transport (bridge.carrier.ShadowsocksTransport: sealing, the
+one server socket with its fwmark, reopening it when the host's address goes away, opening
+and counting replies) plus a local UDP socket, so both clients behave the same:
   * the first local source address that sends is remembered and the local socket is connected to
     it; datagrams from any other address are dropped and counted;
-  * every datagram from it is sealed for `target` (AEAD-2017: Cipher.seal_udp, a fresh salt per
-    packet; 2022: one Udp2022Client session per forwarder, Udp2022Client.seal with the wall clock)
-    and sent from ONE UDP socket, connected to the server, marked with SO_MARK=fwmark when nonzero
-    (so a full tunnel's policy routing sends it outside the tunnel);
-  * replies are opened; anything that fails (wrong key, replay, malformed, an old 2022 session) is
-    dropped silently and counted by reason; the payload goes back to the local peer;
-  * stdlib non-blocking sockets + trio.lowlevel.wait_readable, each wakeup drains up to BATCH
-    datagrams.
+  * every datagram from it is sealed for `target` and sent through the transport, with the
+    engine's back-pressure rule (a full server socket is waited for, not dropped);
+  * replies that fail (wrong key, replay, malformed, an old 2022 session) are dropped silently
+    and counted by reason; the payload goes back to the local peer.
 
 For wireguard-go or the kernel module; wgpy-daemon carries a bridge itself (bridge/carrier.py,
 `wgpy set IFNAME peer KEY bridge URI`).
@@ -39,23 +37,25 @@ import logging
 import signal
 import socket
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import trio
 
-from .shadowsocks import Cipher, ShadowsocksError, Udp2022Client, parse_uri
-from .carrier import open_reply
-from .netio import Drops, errname, exit_code, format_address, resolve, split_hostport
-from .spec import BridgeError, parse_bridge
+from transport.address import AddressError, format_address, split_host_port
+from transport.base import Drops, Endpoint
+
+from .carrier import ShadowsocksTransport
+from .netio import errname, exit_code, resolve
+from .spec import BridgeError, BridgeSpec, parse_bridge
 
 log = logging.getLogger("wgpy.ss_local")
 
 PROG = "ss_local"
-BATCH = 128  # datagrams read per wakeup, each direction
+BATCH = 128  # datagrams read per wakeup from the local peer
 MAX_DATAGRAM = 0xFFFF
-SOCKET_BUFFER = 1 << 20  # requested SO_RCVBUF / SO_SNDBUF on both sockets (best effort)
+SOCKET_BUFFER = 1 << 20  # requested SO_RCVBUF / SO_SNDBUF on the local socket (best effort)
+IDENT = 1  # the transport's number in the Endpoints it produces (there is only one here)
 
 Address = tuple[str, int]
 
@@ -68,22 +68,20 @@ class UsageError(SsLocalError, ValueError):
     """Bad configuration (URI, method, target)."""
 
 
-def _cipher(server_uri: str) -> tuple[Any, Cipher]:
+def _spec(server_uri: str) -> BridgeSpec:
+    if not server_uri.lower().startswith("ss://"):
+        raise UsageError("expected an ss:// URI")
     try:
-        config = parse_uri(server_uri)
-        if config.plugin:
-            raise UsageError("ss URI: plugins are not supported")
-        return config, config.cipher()
-    except ShadowsocksError as exc:  # messages never contain the password
+        return parse_bridge(server_uri)
+    except BridgeError as exc:  # messages never contain the password
         raise UsageError(str(exc)) from None
 
 
 def overhead(server_uri: str, target: Any) -> int:
     """What the tunnel MTU must leave for this bridge (bridge.spec.BridgeSpec.overhead: the larger
     direction, outer IP/UDP headers not counted: add 28 for IPv4, 48 for IPv6)."""
-    _cipher(server_uri)  # the same checks and errors as the forwarder
     try:
-        return parse_bridge(server_uri).overhead(target)
+        return _spec(server_uri).overhead(target)
     except BridgeError as exc:
         raise UsageError(str(exc)) from None
 
@@ -100,82 +98,74 @@ class Statistics:
 class SsLocalForwarder:
     """A local UDP socket bound to `listen`; datagrams from the first local address that sends go
     sealed to the Shadowsocks server of `server_uri`, addressed to `target`; replies come back.
+    The Shadowsocks side is the daemon's own bridge transport (bridge.carrier).
 
         fwd = await nursery.start(SsLocalForwarder(("127.0.0.1", 0), uri, ("127.0.0.1", 51820)).run)
         fwd.local_address   # where WireGuard's Endpoint should point
     """
 
     def __init__(self, listen: Address, server_uri: str, target: Address, *, fwmark: int = 0) -> None:
-        config, cipher = _cipher(server_uri)
+        self.spec = _spec(server_uri)
         self.listen = tuple(listen)
-        self.server: Address = (config.host, config.port)
-        self.target: Address = (str(target[0]), int(target[1]))
+        self.server: Address = self.spec.server
+        self.target = Endpoint(str(target[0]), int(target[1]), IDENT)
         self.fwmark = fwmark
-        self.cipher = cipher
-        self.is_2022 = cipher.method.is_2022
-        self.session: Udp2022Client | None = Udp2022Client(cipher) if self.is_2022 else None
-        self.overhead = overhead(server_uri, self.target)  # also validates the target
+        self.overhead = overhead(server_uri, self.target.address)  # also validates the target
+        self.transport: ShadowsocksTransport | None = None
         self.local_address: tuple | None = None
         self.server_address: tuple | None = None  # the resolved server sockaddr
         self.peer: tuple | None = None
-        self._local: socket.socket | None = None
-        self._remote: socket.socket | None = None
-        self._sent = 0
+        self._drops = Drops()  # the local side's; the server side counts in the transport
         self._received = 0
-        self._drops = Drops()
 
     def __repr__(self) -> str:
-        return (f"SsLocalForwarder({self.cipher.method.name}, server={format_address(self.server)}, "
+        return (f"SsLocalForwarder({self.spec.method}, server={format_address(self.server)}, "
                 f"target={format_address(self.target)})")
 
     def statistics(self) -> Statistics:
-        return Statistics(peer=self.peer, sent=self._sent, received=self._received,
-                          dropped=self._drops.total, drop_reasons=dict(self._drops.reasons))
-
-    # ---- sans-IO half (the reply side is carrier.open_reply, shared with the daemon)
-
-    def seal(self, payload: bytes, now: float | None = None) -> bytes:
-        if self.session is not None:
-            return self.session.seal(self.target, payload, time.time() if now is None else now)
-        return self.cipher.seal_udp(self.target, payload)
-
-    # ---- I/O
+        t = self.transport
+        reasons = dict(self._drops.reasons)
+        if t is not None:
+            for reason, n in t.drops.reasons.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        return Statistics(peer=self.peer, sent=t.sent if t is not None else 0,
+                          received=self._received, dropped=sum(reasons.values()),
+                          drop_reasons=reasons)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         family, sockaddr = await resolve(self.listen, socket.SOCK_DGRAM, passive=True)
-        rfamily, rsockaddr = await resolve(self.server, socket.SOCK_DGRAM)
+        _, rsockaddr = await resolve(self.server, socket.SOCK_DGRAM)
+        transport = ShadowsocksTransport(self.spec.with_host(rsockaddr[0]), IDENT, self.fwmark)
         local = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        remote: socket.socket | None = None
         try:
-            _buffers(local)
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    local.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                except OSError:
+                    pass
             local.bind(sockaddr)
-            remote = socket.socket(rfamily, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            _buffers(remote)
-            if self.fwmark:
-                remote.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.fwmark)
-            remote.connect(rsockaddr)  # replies from anyone else never reach us
-            self._local, self._remote = local, remote
+            self.transport = transport
             self.local_address = local.getsockname()
             self.server_address = rsockaddr
             log.info("ss_local: forwarding UDP %s via %s (%s) to %s, overhead %d bytes",
                      format_address(self.local_address), format_address(rsockaddr),
-                     self.cipher.method.name, format_address(self.target), self.overhead)
+                     self.spec.method, format_address(self.target), self.overhead)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._from_local, local, remote)
-                nursery.start_soon(self._from_server, remote, local)
+                nursery.start_soon(self._from_local, local, transport)
+                (receive,) = transport.receivers()
+                nursery.start_soon(self._from_server, receive, local)
                 task_status.started(self)
         finally:
-            self._local = self._remote = None
+            transport.close()
             local.close()
-            if remote is not None:
-                remote.close()
 
-    async def _from_local(self, local: socket.socket, remote: socket.socket) -> None:
+    async def _from_local(self, local: socket.socket, transport: ShadowsocksTransport) -> None:
         buf = bytearray(MAX_DATAGRAM)
         view = memoryview(buf)
-        drops = self._drops
+        drops, target = self._drops, self.target
         while True:
             await trio.lowlevel.wait_readable(local)
+            batch = []
             for _ in range(BATCH):
                 try:
                     n, addr = local.recvfrom_into(buf)
@@ -190,43 +180,21 @@ class SsLocalForwarder:
                     self.peer = addr
                     local.connect(addr)
                     log.info("ss_local: local peer is %s", format_address(addr))
-                try:
-                    packet = self.seal(view[:n])
-                except ShadowsocksError as exc:  # a 2022 session out of packet ids, a bad clock
-                    drops.add(f"seal: {type(exc).__name__}")
-                    continue
-                try:
-                    remote.send(packet)
-                except BlockingIOError:
-                    drops.add("server socket full")
-                    continue
-                except OSError as exc:
-                    drops.add(f"udp send: {errname(exc)}")
-                    continue
-                self._sent += 1
+                batch.append((bytes(view[:n]), target))
+            # The transport's back-pressure rule, as in the engine: wait, offer again.
+            rest = transport.send(batch) if batch else []
+            while rest:
+                await transport.wait_writable()
+                rest = transport.send(rest)
 
-    async def _from_server(self, remote: socket.socket, local: socket.socket) -> None:
-        buf = bytearray(MAX_DATAGRAM)
-        view = memoryview(buf)
+    async def _from_server(self, receive, local: socket.socket) -> None:
         drops = self._drops
         while True:
-            await trio.lowlevel.wait_readable(remote)
-            now = time.time()
-            for _ in range(BATCH):
-                try:
-                    n = remote.recv_into(buf)
-                except BlockingIOError:
-                    break
-                except OSError as exc:  # ECONNREFUSED: the server port is closed right now
-                    drops.add(f"udp receive: {errname(exc)}")
-                    continue
-                opened = open_reply(self.cipher, self.session, view[:n], now, drops)
-                if opened is None:
-                    continue
-                payload = opened[1]
-                if self.peer is None:
-                    drops.add("no local peer yet")
-                    continue
+            batch = await receive()
+            if self.peer is None:
+                drops.add("no local peer yet", len(batch))
+                continue
+            for payload, _ in batch:
                 try:
                     local.send(payload)
                 except BlockingIOError:
@@ -236,14 +204,6 @@ class SsLocalForwarder:
                     drops.add(f"local send: {errname(exc)}")
                     continue
                 self._received += 1
-
-
-def _buffers(sock: socket.socket) -> None:
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        except OSError:
-            pass
 
 
 async def run_local_forwarder(listen: Address, server_uri: str, target: Address, *,
@@ -263,8 +223,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _hostport(text: str) -> Address:
     try:
-        return split_hostport(text)
-    except ValueError as exc:
+        return split_host_port(text, port_zero=True)
+    except AddressError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 

@@ -70,7 +70,10 @@ from typing import Callable, Iterable, Sequence
 
 import trio
 
-from .netio import Drops, errname, exit_code, format_address, resolve, send_all, split_hostport
+from transport.address import AddressError, format_address, split_host_port
+from transport.base import Drops
+
+from .netio import errname, exit_code, resolve, send_all
 
 log = logging.getLogger("wgpy.udp2tcp")
 
@@ -231,11 +234,12 @@ class FrameDecoder:
 
 
 def parse_hostport(text: str) -> Address:
-    """"H:P" or "[v6]:P" -> (host, port)."""
+    """A command-line address: "H:P" or "[v6]:P" -> (host, port); port 0 allowed (a listening
+    address: any port). Raises UsageError naming the value and what is wrong."""
     try:
-        return split_hostport(text)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        return split_host_port(text, port_zero=True)
+    except AddressError as exc:
+        raise UsageError(f"expected HOST:PORT (IPv6 as [ADDR]:PORT), got {text!r}: {exc}") from None
 
 
 def _same_address(a: Address, b: Address) -> bool:
@@ -336,6 +340,7 @@ class Udp2TcpClient:
         self._pending = bytearray()
         self._pending_count = 0
         self._flush = trio.Event()
+        self._drained = trio.Event()
         self._connected = trio.Event()
         self._queue_send, self._queue_recv = trio.open_memory_channel[bytes](receive_queue)
         self._drops = Drops()
@@ -361,6 +366,18 @@ class Udp2TcpClient:
             connect_failures=self._connect_failures, protocol_errors=self._protocol_errors,
             drop_reasons=dict(self._drops.reasons),
         )
+
+    @property
+    def would_block(self) -> bool:
+        """The user-space send buffer is half full: a caller that can wait should (see
+        `wait_writable`) rather than have datagrams dropped when it fills."""
+        return self._sock is not None and len(self._pending) >= self.max_pending // 2
+
+    async def wait_writable(self) -> None:
+        """Return when `would_block` is false (the writer drained, or the connection is gone)."""
+        while self.would_block:
+            self._drained = trio.Event()
+            await self._drained.wait()
 
     def send(self, datagram: bytes) -> None:
         self.send_batch((datagram,))
@@ -480,6 +497,7 @@ class Udp2TcpClient:
             self._drops.add("lost with the connection", self._pending_count)
             self._pending = bytearray()
             self._pending_count = 0
+            self._drained.set()
             sock.close()
             log.info("udp2tcp: connection to %s closed", format_address(self.server))
 
@@ -532,6 +550,7 @@ class Udp2TcpClient:
                     except BlockingIOError:
                         continue
                     del self._pending[:n]
+                    self._drained.set()
                 self._pending_count = 0
         except OSError as exc:
             log.info("udp2tcp: send failed: %s", exc)

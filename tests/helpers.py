@@ -9,11 +9,12 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
+from transport.base import Endpoint
 from tunnel.noise import Device
 from tunnel.noise.crypto import clamp, public_key
 
-EP_A = ("192.0.2.1", 51820)
-EP_B = ("198.51.100.2", 51820)
+EP_A = Endpoint("192.0.2.1", 51820)
+EP_B = Endpoint("198.51.100.2", 51820)
 WALL = 1_700_000_000.0
 
 
@@ -71,8 +72,8 @@ class Pair:
     psk_b: bytes | None = None
     seed: int = 1
     now: float = 1000.0
-    a_endpoint_of_b: tuple | None = EP_B
-    b_endpoint_of_a: tuple | None = EP_A
+    a_endpoint_of_b: Endpoint | None = EP_B
+    b_endpoint_of_a: Endpoint | None = EP_A
     device_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -155,12 +156,11 @@ def fingerprint(dev: Device) -> tuple:
     for pk, p in sorted(dev.peers.items()):
         hs = p.handshake
         peers.append((
-            pk, p.endpoint, p.rx_bytes, p.tx_bytes, p.last_handshake_wall, tuple(p.staged),
+            pk, p.endpoint, p.pinned, p.rx_bytes, p.tx_bytes, p.last_handshake_wall, tuple(p.staged),
             hs.state, hs.local_index, hs.remote_index, hs.last_timestamp, hs.last_initiation_consumed,
             hs.last_sent_handshake, hs.sym.h if hs.sym else None,
             tuple((kp.local_index, kp.remote_index, kp.send_counter, kp.replay.last, tuple(kp.replay._ring))
                   for kp in (p.keypairs.previous, p.keypairs.current, p.keypairs.next) if kp),
-            tuple(sorted((t.value, d) for t, d in p.timers.deadlines.items())),
-            p.timers.handshake_attempts, p.cookie._cookie, p.cookie._last_mac1,
+            p.timers.state(), p.keepalive_requested, p.cookie._cookie, p.cookie._last_mac1,
         ))
     return (tuple(peers), tuple(sorted(dev._index)))

@@ -91,14 +91,14 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     import time
 
-    from . import control, show
+    from . import show, uapi
 
-    names = [args.ifname] if args.ifname else control.list_interfaces()
+    names = [args.ifname] if args.ifname else uapi.list_interfaces()
     statuses = []
     for name in names:
         try:
-            statuses.append(control.get_status(name))
-        except control.ControlError as exc:
+            statuses.append(uapi.get_status(name))
+        except uapi.ControlError as exc:
             if args.ifname:
                 raise UsageError(str(exc)) from None
             print(f"{PROG}: {exc}", file=sys.stderr)  # a dead socket: show the others
@@ -132,7 +132,7 @@ def _bridge_value(value: str) -> str | None:
 
 def cmd_set(args: argparse.Namespace) -> int:
     """Bridges on a running interface; everything else stays with `wg set`."""
-    from . import control, quick
+    from . import quick, uapi
     from .netconfig import NetError
 
     words = args.settings
@@ -150,7 +150,7 @@ def cmd_set(args: argparse.Namespace) -> int:
         changes.append((key, _bridge_value(value)))
     try:
         quick.set_bridges(args.ifname, changes)
-    except (quick.UpError, control.ControlError, NetError) as exc:
+    except (quick.UpError, uapi.ControlError, NetError) as exc:
         raise UsageError(str(exc)) from None
     return 0
 

@@ -26,7 +26,10 @@ As wg-quick and wg (checked against wireguard-tools v1.0.20210914 and its source
 - SaveConfig: true or false in any case (wg-quick reads it with nocasematch on);
 - a peer needs a PublicKey; an empty value (`AllowedIPs =`) is an error (wg: "Line unrecognized");
 - a key is 44 characters of base64 with one '=' and the unused low bits of its last character
-  zero (wg's key_from_base64; tunnel.keys.decode_base64_key does not check those bits).
+  zero (wg's key_from_base64).
+
+The value grammars (keys, numbers, addresses, prefixes, endpoints) live in tunnel/grammar.py,
+next to the UAPI's, with the differences between the two named there.
 
 Stricter than wg / wg-quick, each for a clear error instead of a surprise later:
 - a key given twice in one section is an error, except the list keys above and the hooks
@@ -38,10 +41,10 @@ Stricter than wg / wg-quick, each for a clear error instead of a surprise later:
   would pass `[ Interface ]`'s Address etc. to wg, which refuses them;
 - ports are numbers only (wg also takes service names from /etc/services, and 65536);
   an Endpoint's port must be 1..65535;
-- Endpoint: an IPv6 address must be in brackets and brackets are only for IPv6 (wg also takes
-  `fd00::1:51820` and `[1.2.3.4]:5`); a name must look like a DNS name, and a name whose last
-  label is numeric must be a dotted-quad IPv4 address (getaddrinfo would read `1.2.3` as
-  1.2.0.3);
+- Endpoint (transport/address.py): an IPv6 address must be in brackets and brackets are only
+  for IPv6 (wg also takes `fd00::1:51820` and `[1.2.3.4]:5`); a name must look like a DNS name,
+  and a name whose last label is numeric must be a dotted-quad IPv4 address (getaddrinfo would
+  read `1.2.3` as 1.2.0.3);
 - Address takes `addr` or `addr/bits` (`ip` also takes a dotted netmask), no `%zone`;
 - MTU must be 68..65535 (the Linux minimum and the TUN maximum), and at least 1280 when an IPv6
   Address is configured: Linux turns IPv6 off on a link whose MTU is below 1280, so the
@@ -72,8 +75,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Union
 
 from bridge.spec import BridgeError, parse_bridge
+from transport.address import format_address
 
-from .keys import KeyError_, decode_base64_key, encode_base64_key
+from .grammar import BadValue, base64_key, config_endpoint, config_ip, config_name, config_prefix, show, uint
+from .keys import encode_base64_key
 from .keys import public_key as derive_public_key
 
 __all__ = [
@@ -175,92 +180,30 @@ _SPACE = " \t\n\v\f\r"  # wg's char_is_space; also bash's [[:space:]] in the C l
 _DIGITS = re.compile(r"[0-9]+")
 _HEX = re.compile(r"0x[0-9a-fA-F]+")
 _SPLIT_LIST = re.compile(r"[,\s]+", re.ASCII)  # wg-quick: ${value//,/ } then word splitting
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_ .-]{0,23}")
-_KEYLIKE = re.compile(r"[A-Za-z0-9+/]{40,}=*")
 _LABEL = r"[A-Za-z0-9_-]{1,63}"
-_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 _SEARCH_DOMAIN = re.compile(rf"~?(?:\.|{_LABEL}(?:\.{_LABEL})*\.?)")
 _DNS_SERVER = re.compile(r"[0-9.]+|.*:.*", re.DOTALL)  # wg-quick's (^[0-9.]+$)|(^.*:.*$)
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
-_V6_CHARS = re.compile(r"[0-9a-fA-F:.]+")
-_ZONE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _IFNAME = re.compile(r"[a-zA-Z0-9_=+.-]{1,15}")  # wg-quick
 _IFNAME_CONF = re.compile(r"(?:^|/)([a-zA-Z0-9_=+.-]{1,15})\.conf\Z")  # wg-quick
 
-
-class _Bad(Exception):
-    """A bad value; the parser adds file, line and key."""
-
-
-def _show(value: str) -> str:
-    """A value that is not secret, for a message: repr, cut short. Anything that looks like a
-    key (a long base64 or hex run) is redacted anyway, in case one was put in the wrong place."""
-    value = _KEYLIKE.sub("<redacted>", value)
-    return repr(value if len(value) <= 64 else value[:64] + "...")
-
-
-def _name(text: str) -> str:
-    """A key or section name for a message; anything that could be key material is replaced by
-    its length."""
-    return repr(text) if _NAME.fullmatch(text) else f"<{len(text)} characters>"
-
-
-def _uint(text: str, maximum: int, what: str) -> int:
-    if not _DIGITS.fullmatch(text):
-        raise _Bad(f"{_show(text)} is not a decimal number ({what})")
-    digits = text.lstrip("0") or "0"
-    if len(digits) > len(str(maximum)) or int(digits) > maximum:
-        raise _Bad(f"{_show(text)} is out of range ({what})")
-    return int(digits)
-
-
-def _key(text: str) -> bytes:
-    """wg's key_from_base64: 44 characters, one '=', and (unlike Python's decoder) the unused low
-    bits of the last character zero, so a key has exactly one spelling."""
-    try:
-        key = decode_base64_key(text)
-    except KeyError_:
-        key = None
-    if key is None or encode_base64_key(key) != text:
-        raise _Bad("not a base64 key (44 characters ending in '=', as `wg genkey` prints)")
-    return key
-
-
-def _ipv4(text: str) -> ipaddress.IPv4Address:
-    try:
-        return ipaddress.IPv4Address(text)
-    except ValueError:
-        raise _Bad(f"{_show(text)} is not an IPv4 address") from None
-
-
-def _ipv6(text: str, *, zone: bool) -> ipaddress.IPv6Address:
-    addr, pct, scope = text.partition("%")
-    ok = _V6_CHARS.fullmatch(addr) is not None and (not pct or (zone and _ZONE.fullmatch(scope) is not None))
-    if ok:
-        try:
-            return ipaddress.IPv6Address(text)
-        except ValueError:
-            pass
-    raise _Bad(f"{_show(text)} is not an IPv6 address" + ("" if zone or not pct else " (no %zone here)"))
-
-
-def _ip(text: str, *, zone: bool = False) -> IPAddress:
-    return _ipv6(text, zone=zone) if ":" in text else _ipv4(text)
+# The value grammars (keys, numbers, addresses, prefixes, endpoints) are tunnel/grammar.py's,
+# shared with the UAPI; the ones below are only a configuration file's.
 
 
 def _private_key(value: str, notes: list) -> bytes:
-    return _key(value)
+    return base64_key(value)
 
 
 def _listen_port(value: str, notes: list) -> int:
-    return _uint(value, 65535, "a port is 0..65535")
+    return uint(value, 65535, "a port is 0..65535")
 
 
 def _fwmark(value: str, notes: list) -> int | None:
     """wg's parse_fwmark: off, decimal, or 0x hex (lowercase x), at most 0xffffffff."""
     if value.lower() == "off":
         return None
-    bad = _Bad(f"{_show(value)} is neither off nor 0..0xffffffff (decimal or 0x hex)")
+    bad = BadValue(f"{show(value)} is neither off nor 0..0xffffffff (decimal or 0x hex)")
     if _HEX.fullmatch(value):
         digits = value[2:].lstrip("0") or "0"
         if len(digits) > 8:
@@ -269,23 +212,19 @@ def _fwmark(value: str, notes: list) -> int | None:
     if not _DIGITS.fullmatch(value):
         raise bad
     try:
-        return _uint(value, 0xFFFFFFFF, "")
-    except _Bad:
+        return uint(value, 0xFFFFFFFF, "")
+    except BadValue:
         raise bad from None
 
 
 def _addresses(value: str, notes: list) -> list[IPInterface]:
+    """wg-quick's Address: `addr[/bits]` items; unlike AllowedIPs, the host bits are the point."""
     out: list[IPInterface] = []
     for item in _SPLIT_LIST.split(value):
         if not item:
             continue
-        addr_text, slash, bits = item.partition("/")
-        addr = _ip(addr_text)  # no zone
-        if slash:
-            plen = _uint(bits, addr.max_prefixlen, f"an IPv{addr.version} prefix length is 0..{addr.max_prefixlen}")
-        else:
-            plen = addr.max_prefixlen
-        out.append(ipaddress.ip_interface((addr, plen)))
+        net, addr = config_prefix(item)
+        out.append(ipaddress.ip_interface((addr, net.prefixlen)))
     return out
 
 
@@ -296,18 +235,18 @@ def _dns(value: str, notes: list) -> tuple[list[IPAddress], list[str]]:
         if not item:
             continue
         if _DNS_SERVER.fullmatch(item):
-            servers.append(_ip(item, zone=True))
+            servers.append(config_ip(item, zone=True))
         elif len(item) <= 253 and _SEARCH_DOMAIN.fullmatch(item):
             search.append(item)
         else:
-            raise _Bad(f"{_show(item)} is neither an IP address nor a search domain")
+            raise BadValue(f"{show(item)} is neither an IP address nor a search domain")
     return servers, search
 
 
 def _mtu(value: str, notes: list) -> int:
-    mtu = _uint(value, MAX_MTU, f"an MTU is {MIN_MTU}..{MAX_MTU}")
+    mtu = uint(value, MAX_MTU, f"an MTU is {MIN_MTU}..{MAX_MTU}")
     if mtu < MIN_MTU:
-        raise _Bad(f"{mtu} is below {MIN_MTU}, the smallest MTU Linux allows")
+        raise BadValue(f"{mtu} is below {MIN_MTU}, the smallest MTU Linux allows")
     return mtu
 
 
@@ -318,11 +257,11 @@ def _table(value: str, notes: list) -> str:
     if _HEX.fullmatch(value) and len(value[2:].lstrip("0")) <= 8:
         return value
     if _DIGITS.fullmatch(value):
-        _uint(value, 0xFFFFFFFF, "a table number is 0..4294967295")
+        uint(value, 0xFFFFFFFF, "a table number is 0..4294967295")
         return value
     if _TABLE_NAME.fullmatch(value):
         return value
-    raise _Bad(f"{_show(value)} is not auto, off, a table number (0..4294967295) or a table name")
+    raise BadValue(f"{show(value)} is not auto, off, a table number (0..4294967295) or a table name")
 
 
 def _hook(value: str, notes: list) -> str:
@@ -333,15 +272,15 @@ def _save_config(value: str, notes: list) -> bool:
     lower = value.lower()
     if lower in ("true", "false"):
         return lower == "true"
-    raise _Bad(f"{_show(value)} is neither true nor false")
+    raise BadValue(f"{show(value)} is neither true nor false")
 
 
 def _public_key(value: str, notes: list) -> bytes:
-    return _key(value)
+    return base64_key(value)
 
 
 def _preshared_key(value: str, notes: list) -> bytes:
-    return _key(value)
+    return base64_key(value)
 
 
 def _allowed_ips(value: str, notes: list) -> list[IPNetwork]:
@@ -349,16 +288,10 @@ def _allowed_ips(value: str, notes: list) -> list[IPNetwork]:
     out: list[IPNetwork] = []
     for item in "".join(value.split()).split(","):
         if not item:
-            raise _Bad("empty item in the list")
-        addr_text, slash, bits = item.partition("/")
-        if addr_text[:1] in ("+", "-"):
-            raise _Bad(f"{_show(item)}: +/- prefixes are for `wg set`, not configuration files")
-        addr = _ip(addr_text)  # no zone
-        if slash:
-            plen = _uint(bits, addr.max_prefixlen, f"an IPv{addr.version} prefix length is 0..{addr.max_prefixlen}")
-        else:
-            plen = addr.max_prefixlen
-        net = ipaddress.ip_network((addr, plen), strict=False)
+            raise BadValue("empty item in the list")
+        if item[:1] in ("+", "-"):
+            raise BadValue(f"{show(item)}: +/- prefixes are for `wg set`, not configuration files")
+        net, addr = config_prefix(item)
         if net.network_address != addr:
             notes.append(f"AllowedIP has nonzero host part: {item} (using {net})")
         out.append(net)
@@ -366,55 +299,23 @@ def _allowed_ips(value: str, notes: list) -> list[IPNetwork]:
 
 
 def _endpoint(value: str, notes: list) -> tuple[str, int]:
-    """wg's parse_endpoint split (`[host]:port` or `host:port` at the last ':'), then a numeric
-    port and a host that is an IP address or looks like a DNS name. Nothing is resolved."""
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0:
-            raise _Bad(f"{_show(value)}: no ']' to match '['")
-        host, rest = value[1:end], value[end + 1 :]
-        if not rest.startswith(":") or len(rest) == 1:
-            raise _Bad(f"{_show(value)}: no port after ']' (expected [address]:port)")
-        port_text = rest[1:]
-        try:
-            _ipv6(host, zone=True)
-        except _Bad:
-            raise _Bad(f"{_show(value)}: square brackets are only for an IPv6 address") from None
-    else:
-        host, colon, port_text = value.rpartition(":")
-        if not colon or not port_text:
-            raise _Bad(f"{_show(value)}: no port (expected host:port)")
-        if not host:
-            raise _Bad(f"{_show(value)}: no host before the port")
-        if ":" in host:
-            raise _Bad(f"{_show(value)}: an IPv6 address must be in square brackets, [address]:port")
-        if "[" in host or "]" in host:
-            raise _Bad(f"{_show(value)}: misplaced square brackets")
-        last = host.rstrip(".").rpartition(".")[2]
-        if _DIGITS.fullmatch(last):
-            _ipv4(host)
-        elif len(host) > 253 or not _HOSTNAME.fullmatch(host):
-            raise _Bad(f"{_show(value)}: the host is neither an IP address nor a DNS name")
-    port = _uint(port_text, 65535, "a port is 1..65535")
-    if port == 0:
-        raise _Bad(f"{_show(value)}: port 0 is not a destination")
-    return host, port
+    return config_endpoint(value)
 
 
 def _keepalive(value: str, notes: list) -> int | None:
     if value.lower() == "off":
         return None
     try:
-        return _uint(value, 65535, "")
-    except _Bad:
-        raise _Bad(f"{_show(value)} is neither off nor 0..65535 seconds") from None
+        return uint(value, 65535, "")
+    except BadValue:
+        raise BadValue(f"{show(value)} is neither off nor 0..65535 seconds") from None
 
 
 def _bridge(value: str, notes: list) -> str:
     try:
         parse_bridge(value)  # the syntax; `wgpy up` resolves the server's name later
     except BridgeError as exc:  # never quotes the value: an ss:// URI holds a password
-        raise _Bad(str(exc)) from None
+        raise BadValue(str(exc)) from None
     return value
 
 
@@ -501,7 +402,7 @@ def _parse(text: str, path: str) -> tuple[Config, list[str]]:
                 peers.append(current)
             else:
                 inner = line[1:-1] if line.endswith("]") else line[1:]
-                err(n, f"unknown section {_name(inner)}; expected [Interface] or [Peer]")
+                err(n, f"unknown section {config_name(inner)}; expected [Interface] or [Peer]")
                 current, in_unknown = None, True
             continue
         key, eq, value = line.partition("=")
@@ -516,7 +417,7 @@ def _parse(text: str, path: str) -> tuple[Config, list[str]]:
             err(n, "no key before '='")
             continue
         if current is None:
-            err(n, f"{_name(key)} is outside any section; keys follow [Interface] or [Peer]")
+            err(n, f"{config_name(key)} is outside any section; keys follow [Interface] or [Peer]")
             continue
         canon = _BY_LOWER[current.kind].get(key.lower()) if key.isascii() else None
         if canon is None:
@@ -525,7 +426,7 @@ def _parse(text: str, path: str) -> tuple[Config, list[str]]:
             if elsewhere is not None:
                 err(n, f"{elsewhere} belongs in [{other}], not [{current.kind}]")
             else:
-                err(n, f"unknown key {_name(key)} in [{current.kind}]")
+                err(n, f"unknown key {config_name(key)} in [{current.kind}]")
             continue
         if not value:
             err(n, f"{canon} has no value")
@@ -537,7 +438,7 @@ def _parse(text: str, path: str) -> tuple[Config, list[str]]:
         line_notes: list[str] = []
         try:
             parsed = _HANDLERS[current.kind][canon](value, line_notes)
-        except _Bad as e:
+        except BadValue as e:
             err(n, f"{canon}: {e}")
             continue
         notes.extend((n, note) for note in line_notes)
@@ -691,10 +592,6 @@ def _ntop(addr: IPAddress) -> str:
     return f"{text}%{addr.scope_id}" if addr.scope_id else text
 
 
-def _fmt_endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def uapi_set_lines(config: Config, endpoints: dict[int, tuple[str, int]] | None = None,
                    bridges: dict[int, str] | None = None) -> list[str]:
     """The lines `wg setconf` sends after `set=1` (without it and without the final empty line):
@@ -727,7 +624,7 @@ def uapi_set_lines(config: Config, endpoints: dict[int, tuple[str, int]] | None 
                 ) from None
             if not 0 < port <= 65535:
                 raise ValueError(f"peer {i} ({config.path}:{peer.line}): endpoint port {port} out of range")
-            lines.append(f"endpoint={_fmt_endpoint(_ntop(addr), port)}")
+            lines.append(f"endpoint={format_address((_ntop(addr), port))}")
         if bridges is not None and i in bridges:
             lines.append(f"wgpy_bridge={bridges[i]}")
         if peer.persistent_keepalive is not None:
@@ -775,7 +672,7 @@ def render_config(config: Config) -> str:
         if peer.allowed_ips:
             out.append("AllowedIPs = " + ", ".join(f"{_ntop(n.network_address)}/{n.prefixlen}" for n in peer.allowed_ips))
         if peer.endpoint is not None:
-            out.append(_value("Endpoint", _fmt_endpoint(*peer.endpoint)))
+            out.append(_value("Endpoint", format_address(peer.endpoint)))
         if peer.persistent_keepalive is not None:
             out.append(f"PersistentKeepalive = {peer.persistent_keepalive}")
         if peer.bridge is not None:

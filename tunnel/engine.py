@@ -1,18 +1,19 @@
-"""The trio engine: a TUN device, UDP sockets and a UAPI socket around the sans-IO core.
+"""The trio engine: a TUN device and transports around the sans-IO core, and a UAPI socket.
 
 Tasks (one trio thread; the core is called synchronously, so it needs no locks):
 
-    tun reader      TUN --batch--> Device.outbound --> UDP send
-    udp reader x2   UDP --batch--> Device.inbound  --> TUN write, UDP send
-    carriers        one per bridged peer (bridge/carrier.py): its datagrams leave through a
-                    Shadowsocks or udp-over-tcp client; replies enter Device.inbound the same way
-    timers          sleep until Device.next_deadline() (or a config change) --> Device.tick --> UDP send
+    tun reader      TUN --batch--> Device.outbound --> transports
+    receivers       one per receive function of each transport (transport/base.py): the UDP
+                    port (IPv4, IPv6), each bridged peer's Shadowsocks or udp-over-tcp transport;
+                    all the same loop: batch --> Device.inbound --> TUN write, transports
+    timers          sleep until Device.next_deadline() (or a config change) --> Device.tick --> transports
     uapi server     /var/run/wireguard/IFNAME.sock: get/set through tunnel.uapi
     link watcher    rtnetlink: exit when the link is deleted, follow MTU changes
     socket watcher  exit when the UAPI socket file is removed
 
-Each reader waits for readiness once, then drains what is there with non-blocking calls (up to
-BATCH) and hands the whole batch to the core before waiting again.
+Outgoing datagrams go to the transport their endpoint names (`Endpoint.via`); one back-pressure
+rule for all: what a transport says would block is offered again once it is writable. The TUN
+and the UDP transport are arguments, so tests run the whole engine on transport.memory doubles.
 """
 
 from __future__ import annotations
@@ -25,20 +26,21 @@ import stat
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import trio
 
-from bridge.carrier import BridgedEndpoint, Carrier, open_carrier
+from bridge.carrier import BridgeTransport, open_bridge
 from bridge.spec import BridgeSpec
+from transport.base import UDP, Datagram, Endpoint, ReceiveFunc, Transport
+from transport.udp import UdpTransport
 
 from . import netlink, uapi
 from .noise import Device
 from .tun import Tun
-from .udp import UdpSockets
 
 log = logging.getLogger("wgpy")
 
-BATCH = 128
 SOCKET_DIR = "/var/run/wireguard"
 UAPI_IDLE_TIMEOUT = 30.0  # a client that sends nothing for this long is disconnected
 UAPI_MAX_CONNECTIONS = 32
@@ -46,29 +48,37 @@ UAPI_READ_SIZE = 65536
 
 
 class Engine:
-    """One WireGuard interface. Implements uapi.InterfaceSettings (listen port, fwmark, bridges)."""
+    """One WireGuard interface. Implements uapi.InterfaceSettings (listen port, fwmark, bridges).
 
-    def __init__(self, ifname: str, *, socket_dir: str = SOCKET_DIR, mtu: int = 1420) -> None:
+    `tun` (default: a new Linux TUN named `ifname`) and `udp` (default: a UdpTransport) are the
+    two ends; `udp` must have `port` and `bind(port)`. `open_bridge(spec, ident, fwmark)` makes a
+    bridged peer's transport."""
+
+    def __init__(self, ifname: str, *, socket_dir: str = SOCKET_DIR, mtu: int = 1420, tun=None,
+                 udp: Transport | None = None,
+                 open_bridge: Callable[[BridgeSpec, int, int], BridgeTransport] = open_bridge) -> None:
         self.ifname = ifname
         self.socket_dir = socket_dir
         self.socket_path = os.path.join(socket_dir, f"{ifname}.sock")
-        self.tun = Tun(ifname, mtu)
+        self.tun = tun if tun is not None else Tun(ifname, mtu)
         self.ifindex = self.tun.ifindex
         self.device = Device(None, wall_offset=0.0, mtu=self.tun.mtu)
-        self.udp = UdpSockets()
+        self.udp = udp if udp is not None else UdpTransport()
+        self.udp.ident = UDP
+        # Every transport by the number its endpoints carry (Endpoint.via); UDP is 0.
+        self.transports: dict[int, Transport] = {UDP: self.udp}
+        self._scopes: dict[int, trio.CancelScope] = {}  # each transport's tasks
+        self._open_bridge = open_bridge
         self.io_drops: Counter[str] = Counter()
         self._listen_port = 0
         self._nursery: trio.Nursery | None = None
-        self._udp_scope: trio.CancelScope | None = None
         self._wake = trio.Event()
         self._sleeping_until = float("inf")  # the deadline the timer task waits for
         self._uapi_sock: trio.socket.SocketType | None = None
         self._socket_ino: tuple[int, int] | None = None
         self._uapi_clients = 0
-        # Bridged peers by public key; their carriers by number (a BridgedEndpoint's `carrier`).
-        self.bridges: dict[bytes, _Bridge] = {}
-        self._carrier_by_id: dict[int, Carrier] = {}
-        self._next_carrier = 1
+        self.bridges: dict[bytes, _Bridge] = {}  # bridged peers by public key
+        self._next_ident = UDP + 1
         self.exit_reason = ""
         self.stopped = trio.Event()
 
@@ -83,54 +93,57 @@ class Engine:
         return self.udp.fwmark
 
     def set_listen_port(self, port: int) -> None:
-        if self.udp.sockets and port == self._listen_port and port != 0:
+        if self.udp.port and port == self._listen_port and port != 0:
             return
-        self._restart_udp(port)
+        self.udp.bind(port)  # raises OSError, leaving the old binding serving
         self._listen_port = port
+        self._serve(self.udp)  # the old receive functions ended with their sockets
 
     def set_fwmark(self, mark: int) -> None:
         self.udp.set_fwmark(mark)
-        for carrier in self._carrier_by_id.values():
+        for bridged in self.bridges.values():
             try:
-                carrier.set_fwmark(mark)
+                bridged.transport.set_fwmark(mark)
             except OSError as exc:  # the socket is being replaced; the new one gets the mark
-                log.warning("%s: bridge %s: fwmark: %s", self.ifname, carrier.spec.redacted(), exc)
+                log.warning("%s: bridge %s: fwmark: %s", self.ifname, bridged.transport.spec.redacted(), exc)
 
     def set_endpoint(self, peer, endpoint: tuple[str, int]) -> None:
         bridged = self._bridge_of(peer)
         if bridged is not None:
             bridged.placeholder_endpoint = False
-            endpoint = bridged.carrier.endpoint(endpoint)
-        peer.endpoint = endpoint
+            self.device.set_endpoint(peer, bridged.transport.endpoint(endpoint), pinned=True)
+        else:
+            self.device.set_endpoint(peer, Endpoint(endpoint[0], endpoint[1], UDP))
 
     def set_bridge(self, peer, bridge: BridgeSpec | None) -> None:
         old = self.bridges.get(peer.public_key)
-        if old is not None and old.peer is peer and old.carrier.spec == bridge:
-            return  # the same bridge again: keep the carrier (and a 2022 session) running
-        target = _server_view(peer.endpoint)
+        if old is not None and old.peer is peer and old.transport.spec == bridge:
+            return  # the same bridge again: keep the transport (and a 2022 session) running
+        # The peer's endpoint without the bridge: (host, port) as the bridge server sees it.
+        target = None if peer.endpoint is None else (peer.endpoint[0], peer.endpoint[1])
         if old is not None:  # ours, or left by a peer of the same key removed in this request
             self._stop_bridge(peer.public_key)
         if bridge is None:
-            peer.endpoint = None if old is not None and old.placeholder_endpoint else target
-            peer.roaming = True
+            if old is not None and old.placeholder_endpoint:
+                target = None
+            self.device.set_endpoint(peer, None if target is None else Endpoint(*target, UDP))
             return
-        ident = self._next_carrier
-        self._next_carrier += 1
-        carrier = open_carrier(bridge, ident, self._from_bridge, self.udp.fwmark)
-        self.bridges[peer.public_key] = _Bridge(carrier, peer, placeholder_endpoint=target is None)
-        self._carrier_by_id[ident] = carrier
+        ident = self._next_ident
+        self._next_ident += 1
+        transport = self._open_bridge(bridge, ident, self.udp.fwmark)
+        self.bridges[peer.public_key] = _Bridge(transport, peer, placeholder_endpoint=target is None)
+        self.transports[ident] = transport
         # Shadowsocks needs a target; udp2tcp's server has its own, so any endpoint will do.
-        peer.endpoint = carrier.endpoint(target) if target is not None or bridge.kind == "udp2tcp" else None
-        peer.roaming = False
+        endpoint = transport.endpoint(target) if target is not None or bridge.kind == "udp2tcp" else None
+        self.device.set_endpoint(peer, endpoint, pinned=True)
         log.info("%s: a peer now goes through bridge %s", self.ifname, bridge.redacted())
-        if self._nursery is not None:
-            self._nursery.start_soon(carrier.run)
+        self._serve(transport)
 
     def extension_lines(self, peer) -> list[str]:
         bridged = self._bridge_of(peer)
         if bridged is None:
             return []
-        st = bridged.carrier.statistics()
+        st = bridged.transport.statistics()
         return [f"wgpy_bridge={st['bridge']}", f"wgpy_bridge_connected={int(st['connected'])}",
                 f"wgpy_bridge_tx_packets={st['sent']}", f"wgpy_bridge_rx_packets={st['received']}",
                 f"wgpy_bridge_dropped={st['dropped']}"]
@@ -140,16 +153,20 @@ class Engine:
         return bridged if bridged is not None and bridged.peer is peer else None
 
     def _stop_bridge(self, public_key: bytes) -> None:
-        carrier = self.bridges.pop(public_key).carrier
-        carrier.scope.cancel()
-        del self._carrier_by_id[carrier.ident]
+        transport = self.bridges.pop(public_key).transport
+        scope = self._scopes.pop(transport.ident, None)
+        if scope is not None:
+            scope.cancel()
+        del self.transports[transport.ident]
+        transport.close()
 
     def forget_removed_peers(self) -> None:
-        """After a set request: stop the carriers of peers that were removed (or removed and
+        """After a set request: stop the transports of peers that were removed (or removed and
         added again without their bridge)."""
         for pk, bridged in list(self.bridges.items()):
             if self.device.peers.get(pk) is not bridged.peer:
-                log.info("%s: bridge %s stopped: its peer is gone", self.ifname, bridged.carrier.spec.redacted())
+                log.info("%s: bridge %s stopped: its peer is gone", self.ifname,
+                         bridged.transport.spec.redacted())
                 self._stop_bridge(pk)
 
     # ------------------------------------------------------------ lifecycle
@@ -161,14 +178,16 @@ class Engine:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._restart_udp(0)
+                if not self.udp.port:
+                    self.udp.bind(0)
+                for transport in self.transports.values():
+                    self._serve(transport)
                 nursery.start_soon(self._tun_reader)
                 nursery.start_soon(self._timers)
                 nursery.start_soon(self._uapi_server, listener)
-                nursery.start_soon(self._link_watcher)
+                if self.ifindex is not None:
+                    nursery.start_soon(self._link_watcher)
                 nursery.start_soon(self._socket_watcher)
-                for carrier in self._carrier_by_id.values():
-                    nursery.start_soon(carrier.run)
                 log.info("%s: up (listening on UDP port %d)", self.ifname, self.udp.port)
                 task_status.started()
         finally:
@@ -198,127 +217,96 @@ class Engine:
             pass
         self.tun.close()
 
-    # ------------------------------------------------------------ UDP
+    # ------------------------------------------------------------ transports
 
-    def _restart_udp(self, port: int) -> None:
-        """Bind new sockets (raises OSError, leaving the old ones serving), then move the
-        readers over."""
-        old = self.udp.sockets
-        for s in old:
-            trio.lowlevel.notify_closing(s)
-        if self._udp_scope is not None:
-            self._udp_scope.cancel()
-        try:
-            self.udp.bind(port)
-        except OSError:
-            if old:
-                self._start_udp_readers()
-            raise
-        self._start_udp_readers()
-
-    def _start_udp_readers(self) -> None:
+    def _serve(self, transport: Transport) -> None:
+        """(Re)start a transport's tasks: its `run` and one receiver per receive function.
+        Before the engine runs, `run` starts them all."""
+        old = self._scopes.pop(transport.ident, None)
+        if old is not None:
+            old.cancel()
         if self._nursery is None:
             return
         scope = trio.CancelScope()
-        self._udp_scope = scope
-        self._nursery.start_soon(self._udp_generation, list(self.udp.sockets), scope)
+        self._scopes[transport.ident] = scope
+        self._nursery.start_soon(self._transport_tasks, transport, scope)
 
-    async def _udp_generation(self, socks: list[socket.socket], scope: trio.CancelScope) -> None:
-        """The readers of one binding; a rebind cancels `scope` and starts the next one."""
+    async def _transport_tasks(self, transport: Transport, scope: trio.CancelScope) -> None:
         with scope:
             async with trio.open_nursery() as nursery:
-                for sock in socks:
-                    nursery.start_soon(self._udp_reader, sock)
+                await nursery.start(transport.run)
+                for receive in transport.receivers():
+                    nursery.start_soon(self._receiver, receive)
 
-    async def _udp_reader(self, sock: socket.socket) -> None:
-        udp = self.udp
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(sock)
-                batch = udp.recv_batch(sock, BATCH)
-                if not batch:
-                    continue
-                to_net = self._inbound(batch)
-                if to_net:
-                    await self._send(to_net)
-        except (trio.ClosedResourceError, OSError) as exc:
-            if not isinstance(exc, trio.ClosedResourceError) and exc.errno != errno.EBADF:
-                raise
+    async def _receiver(self, receive: ReceiveFunc) -> None:
+        """The one reader loop, whatever the transport."""
+        while True:
+            try:
+                batch = await receive()
+            except trio.ClosedResourceError:
+                return  # its socket was replaced or closed: a new receiver serves the new one
+            to_net = self._inbound(batch)
+            if to_net:
+                await self._send(to_net)
 
-    def _inbound(self, batch) -> list:
+    def _inbound(self, batch: list[Datagram]) -> list[Datagram]:
         """One batch of received datagrams through the core: packets to the TUN, and what the
         core answers (returned, for the caller to send)."""
         result = self.device.inbound(batch, trio.current_time())
         self._reschedule_timers()
-        tun = self.tun
-        for packet in result.to_tun:
-            try:
-                tun.write(packet)
-            except BlockingIOError:
-                self.io_drops["tun write queue full"] += 1
-            except OSError as exc:
-                self.io_drops[f"tun write: {errno.errorcode.get(exc.errno, exc.errno)}"] += 1
+        if result.to_tun:
+            self.tun.write_batch(result.to_tun)
         return result.to_net
 
-    def _from_bridge(self, batch) -> None:
-        """A carrier's received datagrams (called synchronously by its receive task)."""
-        to_net = self._inbound(batch)
-        if to_net:
-            blocked = self._send_now(to_net)
-            if blocked:  # this path cannot wait: a full socket loses them, as UDP may
-                self.io_drops["udp send: socket full"] += len(blocked)
+    async def _send(self, datagrams: list[Datagram]) -> None:
+        """Hand each datagram to the transport its endpoint names. What would block is offered
+        again once the transport is writable (the one back-pressure rule)."""
+        for transport, group in self._by_transport(datagrams):
+            rest = transport.send(group)
+            while rest:
+                await transport.wait_writable()
+                rest = transport.send(rest)
 
-    def _send_now(self, datagrams) -> list:
-        """Send what can go without waiting; returns the (data, endpoint, socket) that would block.
-        A bridged peer's datagrams go to its carrier, which never blocks."""
-        udp = self.udp
-        carriers = self._carrier_by_id
-        blocked = []
-        for data, endpoint in datagrams:
-            if type(endpoint) is BridgedEndpoint:
-                carrier = carriers.get(endpoint.carrier)
-                if carrier is None:
-                    self.io_drops["bridge removed"] += 1
-                else:
-                    carrier.send(data, endpoint)
-                continue
-            sock = udp.socket_for(endpoint)
-            if sock is None:
-                self.io_drops["no socket for endpoint family"] += 1
-                continue
-            try:
-                sock.sendto(data, endpoint)
-            except BlockingIOError:
-                blocked.append((data, endpoint, sock))
-            except OSError as exc:
-                # Unreachable networks, EPERM from a firewall, EMSGSIZE: count, never stop.
-                self.io_drops[f"udp send: {errno.errorcode.get(exc.errno, exc.errno)}"] += 1
-        return blocked
-
-    async def _send(self, datagrams) -> None:
-        for data, endpoint, sock in self._send_now(datagrams):
-            try:
-                await trio.lowlevel.wait_writable(sock)
-                sock.sendto(data, endpoint)
-            except (OSError, trio.ClosedResourceError) as exc:
-                self.io_drops[f"udp send: {exc}"] += 1
+    def _by_transport(self, datagrams: list[Datagram]) -> list[tuple[Transport, list[Datagram]]]:
+        transports = self.transports
+        via = datagrams[0][1][2]
+        for _, endpoint in datagrams:
+            if endpoint[2] != via:
+                break
+        else:  # the common case: one transport for the whole batch
+            transport = transports.get(via)
+            if transport is None:
+                self.io_drops["transport removed"] += len(datagrams)
+                return []
+            return [(transport, datagrams)]
+        groups: dict[int, list[Datagram]] = {}
+        for d in datagrams:
+            groups.setdefault(d[1][2], []).append(d)
+        out = []
+        for via, group in groups.items():
+            transport = transports.get(via)
+            if transport is None:
+                self.io_drops["transport removed"] += len(group)
+            else:
+                out.append((transport, group))
+        return out
 
     # ------------------------------------------------------------ TUN and timers
 
     async def _tun_reader(self) -> None:
         device, tun = self.device, self.tun
         while True:
-            await trio.lowlevel.wait_readable(tun.fd)
             try:
-                batch = tun.read_batch(BATCH)
+                batch = await tun.receive()
+            except trio.ClosedResourceError:
+                return
             except OSError as exc:
                 self.stop(f"TUN read failed: {exc.strerror}")
                 return
-            if batch:
-                out = device.outbound(batch, trio.current_time())
-                self._reschedule_timers()
-                if out:
-                    await self._send(out)
+            out = device.outbound(batch, trio.current_time())
+            self._reschedule_timers()
+            if out:
+                await self._send(out)
 
     def wake_timers(self) -> None:
         self._wake.set()
@@ -483,22 +471,16 @@ class Engine:
         return {
             "drops": dict(self.device.drops),
             "io_drops": dict(self.io_drops),
+            "tun_drops": dict(self.tun.drops.reasons),
             "events": dict(self.device.stats),
-            "bridges": [c.statistics() for c in self._carrier_by_id.values()],
+            "transports": [t.statistics() for t in self.transports.values()],
         }
 
 
 @dataclass
 class _Bridge:
-    """A bridged peer: its carrier, and what the engine remembers about the peer."""
+    """A bridged peer: its transport, and what the engine remembers about the peer."""
 
-    carrier: Carrier
+    transport: BridgeTransport
     peer: object  # the Peer object (a peer removed and added again is another one)
     placeholder_endpoint: bool  # it had no endpoint of its own (udp2tcp then uses the server's)
-
-
-def _server_view(endpoint) -> tuple[str, int] | None:
-    """A peer's endpoint without the bridge: (host, port) as the bridge server sees it."""
-    if endpoint is None:
-        return None
-    return (endpoint[0], endpoint[1])

@@ -1,15 +1,12 @@
-"""Key encodings shared by the CLI, configs and the UAPI: base64 (as `wg` prints) and hex (UAPI)."""
+"""Keys: generating them, and base64 as `wg` prints them (the UAPI's hex is tunnel/grammar.py's)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import os
-import re
 
 from .noise.crypto import KEY_LEN, clamp, public_key
-
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 __all__ = ["KeyError_", "decode_base64_key", "encode_base64_key", "generate_private_key", "generate_psk", "public_key"]
 
@@ -34,13 +31,6 @@ def decode_base64_key(text: str) -> bytes:
     if len(key) != KEY_LEN or base64.b64encode(key).decode("ascii") != text:
         raise KeyError_("Key is not the correct length or format")
     return key
-
-
-def decode_hex_key(text: str) -> bytes:
-    """Decode a 64-character hex key as the UAPI sends it."""
-    if len(text) != 64 or not _HEX64.fullmatch(text):
-        raise KeyError_("key is not 64 hex characters")
-    return bytes.fromhex(text)
 
 
 def generate_private_key() -> bytes:

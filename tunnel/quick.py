@@ -19,7 +19,7 @@ from pathlib import Path
 from bridge.spec import BridgeError, BridgeSpec, parse_bridge
 
 from . import config as wgconfig
-from . import control, netconfig
+from . import netconfig, uapi
 from .netconfig import Journal, NetError, run
 
 WGPY_DAEMON = str(Path(sys.executable).with_name("wgpy-daemon"))
@@ -110,11 +110,8 @@ def set_bridges(ifname: str, changes: list[tuple[bytes, str | None]], *, out=pri
     wg-quick with WG_QUICK_USERSPACE_IMPLEMENTATION=wgpy-daemon, or by hand): resolve each
     bridge's server, send them in one UAPI request (all or nothing), then lower the interface's
     MTU if a bridge's overhead no longer lets it fit the path to that bridge's server."""
-    status = control.get_status(ifname)
-    peers: dict[bytes, tuple[str, int] | None] = {}
-    for p in status.peers:
-        host, _, port = (p.endpoint or "").rpartition(":")
-        peers[base64.b64decode(p.public_key)] = (host.strip("[]"), int(port)) if host else None
+    status = uapi.get_status(ifname)
+    peers = {p.public_key: p.endpoint for p in status.peers}
     lines: list[str] = []
     bridged: list[tuple[BridgeSpec, tuple[str, int] | None]] = []
     for public_key, value in changes:
@@ -130,8 +127,8 @@ def set_bridges(ifname: str, changes: list[tuple[bytes, str | None]], *, out=pri
             bridged.append((spec, peers[public_key]))
         lines += [f"public_key={public_key.hex()}", "update_only=true", f"wgpy_bridge={spec.uri if spec else ''}"]
     try:
-        control.set_config(ifname, lines)
-    except control.ControlError as exc:
+        uapi.set_config(ifname, lines)
+    except uapi.ControlError as exc:
         raise UpError(f"{exc} (bridges need wgpy-daemon; wireguard-go has none)") from None
     need = min((_bridge_mtu(spec, target, status.fwmark) for spec, target in bridged), default=None)
     try:
@@ -151,7 +148,7 @@ def _bridge_mtu(spec: BridgeSpec, target: tuple[str, int] | None, fwmark: int) -
 
 
 def _wait_for_socket(ifname: str, timeout: float = 10.0) -> None:
-    path = control.socket_path(ifname)
+    path = uapi.socket_path(ifname)
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if time.monotonic() > deadline:
@@ -211,7 +208,7 @@ def up(target: str, *, out=print) -> str:
     cfg, warnings = wgconfig.load_config(path)
     for w in warnings:
         out(w, file=sys.stderr)
-    if netconfig.link_exists(ifname) or os.path.exists(control.socket_path(ifname)):
+    if netconfig.link_exists(ifname) or os.path.exists(uapi.socket_path(ifname)):
         raise UpError(f"`{ifname}' already exists")
     endpoints = resolve_endpoints(cfg)
     bridges = bridge_plan(cfg, endpoints)
@@ -250,7 +247,7 @@ def up(target: str, *, out=print) -> str:
         _wait_for_socket(ifname)
 
         lines = wgconfig.uapi_set_lines(cfg, endpoints, {i: spec.uri for i, spec in bridges.items()})
-        control.set_config(ifname, lines)
+        uapi.set_config(ifname, lines)
 
         for addr in iface.addresses:
             fam = "-6" if addr.version == 6 else "-4"
@@ -274,14 +271,14 @@ def up(target: str, *, out=print) -> str:
                     journal.cmd(["ip", fam, "route", "add", str(net), "dev", ifname, "table", iface.table], None)
                 elif net.prefixlen == 0:
                     if not fwmark_set and fwmark != iface.fwmark:
-                        control.set_config(ifname, [f"fwmark={fwmark}"])
+                        uapi.set_config(ifname, [f"fwmark={fwmark}"])
                     fwmark_set = True
                     _add_default(journal, ifname, net, fwmark, cfg)
                 elif not netconfig.route_exists_on(ifname, str(net), fam):
                     journal.cmd(["ip", fam, "route", "add", str(net), "dev", ifname], None)
 
         _hook(iface.post_up, ifname, "PostUp")
-    except (UpError, NetError, control.ControlError, OSError, subprocess.TimeoutExpired) as exc:
+    except (UpError, NetError, uapi.ControlError, OSError, subprocess.TimeoutExpired) as exc:
         problems = journal.rollback()
         journal.remove()
         _wait_daemon_gone(ifname)
@@ -311,33 +308,29 @@ def save_config(ifname: str, path: str) -> None:
     the daemon's current keys, port, fwmark and peers (with the endpoints they roamed to)."""
     original, _ = wgconfig.load_config(path)
     iface = original.interface
-    pairs = control.get_lines(ifname)
-    fields = dict(p for p in pairs if p[0] in ("private_key", "listen_port", "fwmark"))
-    peers: list[wgconfig.PeerConfig] = []
-    bridges = {p.public_key: p.bridge for p in original.peers}
-    for key, value in pairs:
-        if key == "public_key":
-            pk = bytes.fromhex(value)
-            peers.append(wgconfig.PeerConfig(pk, bridge=bridges.get(pk)))
-        elif not peers:
-            continue
-        elif key == "preshared_key" and value.strip("0"):
-            peers[-1].preshared_key = bytes.fromhex(value)
-        elif key == "endpoint":
-            host, _, port = value.rpartition(":")
-            peers[-1].endpoint = (host.strip("[]"), int(port))
-        elif key == "allowed_ip":
-            peers[-1].allowed_ips.append(ipaddress.ip_network(value, strict=False))
-        elif key == "persistent_keepalive_interval" and int(value):
-            peers[-1].persistent_keepalive = int(value)
+    status = uapi.get_status(ifname)
+    bridges = {p.public_key: p.bridge for p in original.peers}  # as written: the daemon's is redacted
+    peers = [
+        wgconfig.PeerConfig(
+            p.public_key,
+            preshared_key=p.preshared_key,
+            allowed_ips=list(p.allowed_ips),
+            endpoint=p.endpoint,
+            persistent_keepalive=p.persistent_keepalive or None,
+            bridge=bridges.get(p.public_key),
+        )
+        for p in status.peers
+    ]
     addrs = []
     for line in run(["ip", "-o", "address", "show", "dev", ifname, "scope", "global"]).stdout.splitlines():
         words = line.split()
         if "inet" in words or "inet6" in words:
             addrs.append(ipaddress.ip_interface(words[words.index("inet" if "inet" in words else "inet6") + 1]))
-    iface.private_key = bytes.fromhex(fields["private_key"])
-    iface.listen_port = int(fields.get("listen_port", 0)) or iface.listen_port
-    iface.fwmark = int(fields["fwmark"]) if "fwmark" in fields else iface.fwmark
+    if status.private_key is None:
+        raise uapi.ControlError(f"{ifname}: the daemon has no private key to save")
+    iface.private_key = status.private_key
+    iface.listen_port = status.listen_port or iface.listen_port
+    iface.fwmark = status.fwmark or iface.fwmark  # the daemon reports no fwmark when it has none
     iface.addresses = addrs
     text = wgconfig.render_config(wgconfig.Config(path, iface, peers))
     tmp = f"{path}.wgpy-save"
@@ -348,7 +341,7 @@ def save_config(ifname: str, path: str) -> None:
 
 
 def _wait_daemon_gone(ifname: str, timeout: float = 5.0) -> None:
-    path = control.socket_path(ifname)
+    path = uapi.socket_path(ifname)
     deadline = time.monotonic() + timeout
     while os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -368,7 +361,7 @@ def down(target: str, *, out=print) -> str:
     if journal.meta.get("save_config"):
         try:
             save_config(ifname, journal.meta["config"])
-        except (OSError, ValueError, control.ControlError, wgconfig.ConfigError) as exc:
+        except (OSError, ValueError, uapi.ControlError, wgconfig.ConfigError) as exc:
             problems.append(f"SaveConfig: {exc}")
     try:
         _hook(journal.meta.get("pre_down", []), ifname, "PreDown")

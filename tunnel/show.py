@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
-from .control import InterfaceStatus
+from transport.address import format_address
+
+from .grammar import format_prefix
+from .keys import encode_base64_key
+from .uapi import InterfaceStatus, PeerStatus
 
 
 def _plural(n: int, unit: str) -> str:
@@ -31,10 +34,14 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _endpoint(peer: PeerStatus) -> str | None:
+    return format_address(peer.endpoint) if peer.endpoint is not None else None
+
+
 def format_text(status: InterfaceStatus, now: float) -> str:
     lines = [f"interface: {status.name}"]
     if status.public_key:
-        lines.append(f"  public key: {status.public_key}")
+        lines.append(f"  public key: {encode_base64_key(status.public_key)}")
         lines.append("  private key: (hidden)")
     if status.listen_port:
         lines.append(f"  listening port: {status.listen_port}")
@@ -43,16 +50,17 @@ def format_text(status: InterfaceStatus, now: float) -> str:
     # Most recent handshake first, as wg sorts them.
     for p in sorted(status.peers, key=lambda p: -p.latest_handshake):
         lines.append("")
-        lines.append(f"peer: {p.public_key}")
+        lines.append(f"peer: {encode_base64_key(p.public_key)}")
         if p.preshared_key:
             lines.append("  preshared key: (hidden)")
-        if p.endpoint:
-            lines.append(f"  endpoint: {p.endpoint}{' (as the bridge server sees it)' if p.bridge else ''}")
+        if p.endpoint is not None:
+            lines.append(f"  endpoint: {_endpoint(p)}{' (as the bridge server sees it)' if p.bridge else ''}")
         if p.bridge:
             state = "connected" if p.bridge_connected else "not connected"
             lines.append(f"  bridge: {p.bridge}, {state}; {p.bridge_tx_packets} packets sent, "
                          f"{p.bridge_rx_packets} received, {p.bridge_dropped} dropped")
-        lines.append(f"  allowed ips: {', '.join(p.allowed_ips) if p.allowed_ips else '(none)'}")
+        shown = ", ".join(format_prefix(n) for n in p.allowed_ips)
+        lines.append(f"  allowed ips: {shown or '(none)'}")
         if p.latest_handshake:
             lines.append(f"  latest handshake: {ago(int(now) - p.latest_handshake)}")
         if p.rx_bytes or p.tx_bytes:
@@ -63,10 +71,33 @@ def format_text(status: InterfaceStatus, now: float) -> str:
 
 
 def as_json(statuses: list[InterfaceStatus], now: float) -> str:
+    """Keys in base64, addresses as `wg show` prints them; no private or preshared key (only
+    whether a peer has one)."""
     out = []
     for st in statuses:
-        d = asdict(st)
-        for p in d["peers"]:
-            p["latest_handshake_seconds_ago"] = int(now) - p["latest_handshake"] if p["latest_handshake"] else None
-        out.append(d)
+        peers = []
+        for p in st.peers:
+            peers.append({
+                "public_key": encode_base64_key(p.public_key),
+                "preshared_key": p.preshared_key is not None,
+                "endpoint": _endpoint(p),
+                "allowed_ips": [format_prefix(n) for n in p.allowed_ips],
+                "latest_handshake": p.latest_handshake,
+                "rx_bytes": p.rx_bytes,
+                "tx_bytes": p.tx_bytes,
+                "persistent_keepalive": p.persistent_keepalive,
+                "bridge": p.bridge,
+                "bridge_connected": p.bridge_connected,
+                "bridge_tx_packets": p.bridge_tx_packets,
+                "bridge_rx_packets": p.bridge_rx_packets,
+                "bridge_dropped": p.bridge_dropped,
+                "latest_handshake_seconds_ago": int(now) - p.latest_handshake if p.latest_handshake else None,
+            })
+        out.append({
+            "name": st.name,
+            "public_key": encode_base64_key(st.public_key) if st.public_key is not None else None,
+            "listen_port": st.listen_port,
+            "fwmark": st.fwmark,
+            "peers": peers,
+        })
     return json.dumps(out, indent=2)

@@ -3,14 +3,22 @@
 Opened IFF_TUN | IFF_NO_PI: every read is one IP packet, every write one IP packet. Reads go into
 one reusable buffer and are copied out at their real size, so a 64 KiB-capable buffer costs one
 allocation per device, not per packet.
+
+The engine uses `receive()` (wait for readiness once, then drain up to BATCH packets) and
+`write_batch()`; transport.memory.MemoryTun has the same interface for tests without root.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
 import struct
+
+import trio
+
+from transport.base import Drops
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
@@ -20,6 +28,7 @@ SIOCSIFMTU = 0x8922
 IFNAMSIZ = 16
 
 MAX_PACKET = 65535
+BATCH = 128  # packets read per wakeup
 
 
 class TunError(OSError):
@@ -52,6 +61,7 @@ class Tun:
         self.name = res[:16].rstrip(b"\0").decode()
         self._buf = bytearray(MAX_PACKET)
         self._view = memoryview(self._buf)
+        self.drops = Drops()  # packets the kernel would not take (write_batch)
         if mtu is not None:
             self.set_mtu(mtu)
 
@@ -89,12 +99,34 @@ class Tun:
             out.append(bytes(view[:n]))
         return out
 
-    def write(self, packet: bytes) -> None:
-        """Raises BlockingIOError when the kernel queue is full."""
-        os.write(self.fd, packet)
+    async def receive(self) -> list[bytes]:
+        """The packets ready after one wakeup (at least one). Raises OSError if the device
+        fails (the link was deleted under us), trio.ClosedResourceError once closed."""
+        while True:
+            if self.fd < 0:
+                raise trio.ClosedResourceError("TUN closed")
+            await trio.lowlevel.wait_readable(self.fd)
+            batch = self.read_batch(BATCH)
+            if batch:
+                return batch
+
+    def write_batch(self, packets: list[bytes]) -> None:
+        """Write each packet; a full kernel queue drops it, as a NIC would (counted in drops)."""
+        write, fd = os.write, self.fd
+        for packet in packets:
+            try:
+                write(fd, packet)
+            except BlockingIOError:
+                self.drops.add("tun write queue full")
+            except OSError as exc:
+                self.drops.add(f"tun write: {errno.errorcode.get(exc.errno, exc.errno)}")
 
     def close(self) -> None:
         if self.fd >= 0:
+            try:
+                trio.lowlevel.notify_closing(self.fd)
+            except RuntimeError:
+                pass  # not inside trio: nobody waits on it
             os.close(self.fd)
             self.fd = -1
 

@@ -1,4 +1,9 @@
-"""The wireguard-go configuration protocol (UAPI), sans-IO: bytes in, replies out.
+"""The wireguard-go configuration protocol (UAPI): both sides of it, in one place.
+
+Server side (the daemon), sans-IO: bytes in, replies out. Client side (`wgpy up`, `wgpy show`,
+`wgpy set`, what `wg` does): `get_status`, `set_config`, `list_interfaces`, blocking calls on
+the socket (the only I/O in this module; importing it opens nothing and loads no trio). Both
+read values with tunnel/grammar.py, so a reply is parsed with the grammar a request is.
 
 `wg` speaks it on the UNIX socket /var/run/wireguard/IFNAME.sock. A connection carries requests
 one after another; each is an operation line followed by `key=value` lines and an empty line:
@@ -58,23 +63,40 @@ from __future__ import annotations
 import errno as _errno
 import ipaddress
 import math
+import os
 import re
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Union
 
 from bridge.spec import BridgeError, BridgeSpec, parse_bridge
+from transport.address import format_address
 
+from .grammar import (
+    BadValue,
+    format_ip,
+    format_prefix,
+    hex_key,
+    show,
+    uapi_endpoint,
+    uapi_name,
+    uapi_prefix,
+    uint,
+)
 from .noise import crypto
 from .noise.allowedips import Network
 
 __all__ = [
     "AllowedIP",
+    "ControlError",
     "InterfaceSettings",
+    "InterfaceStatus",
     "MAX_LINE_BYTES",
     "MAX_PEERS",
     "MAX_REQUEST_BYTES",
     "MAX_REQUEST_LINES",
     "PeerSection",
+    "PeerStatus",
     "Remove",
     "ReplaceAllowedIPs",
     "ReplacePeers",
@@ -89,16 +111,19 @@ __all__ = [
     "UapiError",
     "apply_set",
     "format_get",
+    "get_status",
     "handle",
+    "list_interfaces",
+    "parse_get_reply",
     "parse_set",
+    "set_config",
+    "socket_path",
 ]
 
 MAX_LINE_BYTES = 4096  # one line, without its '\n'; `wg` never sends more than ~100
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # one set request (~50k peers as `wg setconf` writes them)
 MAX_REQUEST_LINES = 262_144
 MAX_PEERS = 1 << 16  # wireguard-go device.MaxPeers
-
-KEY_HEX_LEN = 64
 
 EINVAL = _errno.EINVAL
 EPROTO = _errno.EPROTO
@@ -222,7 +247,7 @@ class RequestReader:
                 self._size = 0
             else:
                 # Never echo the line: a client out of step may be sending a key.
-                op = _name(line.partition(b"=")[0].decode("latin-1"))
+                op = uapi_name(line.partition(b"=")[0].decode("latin-1"))
                 raise UapiError(EPROTO, f"unknown operation {op} (expected get=1 or set=1)")
             return
         if line.endswith(b"\r"):
@@ -243,20 +268,6 @@ class RequestReader:
 # ---------------------------------------------------------------------------- get
 
 
-def _fmt_ip(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    """As Go's netip.Addr.String: RFC 5952, and an IPv4-mapped address as ::ffff:a.b.c.d."""
-    if addr.version == 4:
-        return str(addr)
-    scope = addr.scope_id
-    mapped = addr.ipv4_mapped
-    text = f"::ffff:{mapped}" if mapped is not None else str(ipaddress.IPv6Address(int(addr)))
-    return f"{text}%{scope}" if scope else text
-
-
-def _fmt_prefix(net: Network) -> str:
-    return f"{_fmt_ip(net.network_address)}/{net.prefixlen}"
-
-
 def _fmt_endpoint(endpoint: object) -> str | None:
     """`ip:port` / `[ip6]:port` for an (ip, port, ...) tuple; None for anything else (a `wg`
     that cannot parse an endpoint fails the whole `wg show`, so such endpoints are left out)."""
@@ -267,9 +278,7 @@ def _fmt_endpoint(endpoint: object) -> str | None:
         addr = ipaddress.ip_address(host)
     except (TypeError, ValueError, IndexError, KeyError):
         return None
-    if addr.version == 4:
-        return f"{addr}:{port}"
-    return f"[{_fmt_ip(addr)}]:{port}"
+    return format_address((format_ip(addr), port))
 
 
 def _handshake_time(wall: float | None) -> tuple[int, int]:
@@ -305,7 +314,7 @@ def format_get(device, iface: InterfaceSettings, *, extensions: bool = False) ->
         out.append(f"rx_bytes={peer.rx_bytes}")
         out.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
         for net in device.allowed_ips.prefixes_of(peer):
-            out.append(f"allowed_ip={_fmt_prefix(net)}")
+            out.append(f"allowed_ip={format_prefix(net)}")
         if extensions:
             out.extend(iface.extension_lines(peer))
     out.append("errno=0")
@@ -393,100 +402,19 @@ class SetTransaction:
 
 # ---------------------------------------------------------------------------- set: parsing
 
-_HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
-_DIGITS = re.compile(r"[0-9]+")
-_PREFIX_BITS = re.compile(r"0|[1-9][0-9]{0,2}")
-_ADDR_CHARS = re.compile(r"[0-9a-fA-F:.]+")
-_ZONE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
-
 _DEVICE_KEYS = frozenset({"private_key", "listen_port", "fwmark", "replace_peers"})
 _PEER_KEYS = frozenset({
     "update_only", "remove", "preshared_key", "endpoint", "persistent_keepalive_interval",
     "replace_allowed_ips", "allowed_ip", "protocol_version", "wgpy_bridge",
 })
 
-
-class _Bad(Exception):
-    """A value problem; parse_set adds the line number and key."""
-
-
-def _show(value: str) -> str:
-    """A non-secret value for an error message: repr, cut short."""
-    return repr(value if len(value) <= 64 else value[:64] + "...")
-
-
-_NAME = re.compile(r"[a-z_]{1,40}")
-
-
-def _name(text: str) -> str:
-    """A key name for an error message; anything that could be key material is replaced by
-    its length."""
-    return repr(text) if _NAME.fullmatch(text) else f"<{len(text)} characters>"
-
-
-def _hex_key(value: str) -> bytes:
-    if not _HEX_KEY.fullmatch(value):
-        raise _Bad("not 64 hex characters" if len(value) != KEY_HEX_LEN else "invalid hex")
-    return bytes.fromhex(value)
-
-
-def _uint(value: str, maximum: int) -> int:
-    """strconv.ParseUint(value, 10, bits): ASCII digits only (leading zeros allowed)."""
-    if not _DIGITS.fullmatch(value):
-        raise _Bad(f"{_show(value)} is not a decimal number")
-    digits = value.lstrip("0")
-    if len(digits) > len(str(maximum)) or int(digits or "0") > maximum:
-        raise _Bad(f"{_show(value)} is out of range 0..{maximum}")
-    return int(digits or "0")
+# The value grammars (keys, numbers, prefixes, endpoints) are tunnel/grammar.py's, shared with
+# configuration files; the ones below are only the UAPI's.
 
 
 def _true(value: str) -> None:
     if value != "true":
-        raise _Bad(f"{_show(value)} is not 'true' (the only accepted value)")
-
-
-def _parse_addr(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    addr_part, pct, zone = text.partition("%")
-    if not _ADDR_CHARS.fullmatch(addr_part) or (pct and not _ZONE.fullmatch(zone)):
-        raise ValueError
-    addr = ipaddress.ip_address(addr_part)
-    if pct:
-        if addr.version == 4:
-            raise ValueError
-        addr = ipaddress.IPv6Address(f"{addr_part}%{zone}")
-    return addr
-
-
-def _endpoint(value: str) -> tuple[str, int]:
-    """Go's netip.ParseAddrPort: `a.b.c.d:port` or `[v6]:port` (brackets exactly for IPv6),
-    numeric only. Returns (ip, port) with the address in its canonical text, in the form
-    tunnel.udp gives received addresses: an IPv4-mapped IPv6 address becomes plain IPv4 (so it
-    is sent from the IPv4 socket), a zone is kept."""
-    host, colon, port_text = value.rpartition(":")
-    if not colon:
-        raise _Bad(f"{_show(value)} is not ip:port")
-    if not port_text:
-        raise _Bad(f"{_show(value)} has no port")
-    bracketed = host.startswith("[")
-    if bracketed:
-        if len(host) < 2 or not host.endswith("]"):
-            raise _Bad(f"{_show(value)}: unbalanced brackets")
-        host = host[1:-1]
-    try:
-        port = _uint(port_text, 65535)
-    except _Bad:
-        raise _Bad(f"{_show(value)}: bad port") from None
-    try:
-        addr = _parse_addr(host)
-    except ValueError:
-        raise _Bad(f"{_show(value)}: not a numeric IP address") from None
-    if bracketed and addr.version == 4:
-        raise _Bad(f"{_show(value)}: square brackets are only for IPv6")
-    if not bracketed and addr.version == 6:
-        raise _Bad(f"{_show(value)}: an IPv6 address must be in square brackets")
-    if addr.version == 6 and addr.ipv4_mapped is not None and not addr.scope_id:
-        return str(addr.ipv4_mapped), port
-    return _fmt_ip(addr), port
+        raise BadValue(f"{show(value)} is not 'true' (the only accepted value)")
 
 
 def _bridge(value: str) -> BridgeSpec | None:
@@ -495,26 +423,13 @@ def _bridge(value: str) -> BridgeSpec | None:
     try:
         return parse_bridge(value, numeric=True)
     except BridgeError as e:  # never quotes the value: an ss:// URI holds a password
-        raise _Bad(str(e)) from None
+        raise BadValue(str(e)) from None
 
 
 def _allowed_ip(value: str) -> AllowedIP:
-    """`[-]addr/bits` (Go's netip.ParsePrefix: no zone, bits without sign or leading zero);
-    host bits are cleared, as wireguard-go's trie does."""
+    """`[-]addr/bits`: a '-' removes the prefix (wgpy and wireguard-go's `wg set ... -addr`)."""
     remove = value.startswith("-")
-    text = value[1:] if remove else value
-    addr_text, slash, bits_text = text.rpartition("/")
-    if not slash:
-        raise _Bad(f"{_show(value)} is not addr/bits")
-    if "%" in addr_text:
-        raise _Bad(f"{_show(value)}: no zone allowed in a prefix")
-    try:
-        addr = _parse_addr(addr_text)
-    except ValueError:
-        raise _Bad(f"{_show(value)}: not an IP address") from None
-    if not _PREFIX_BITS.fullmatch(bits_text) or int(bits_text) > addr.max_prefixlen:
-        raise _Bad(f"{_show(value)}: bad prefix length")
-    return AllowedIP(ipaddress.ip_network((addr, int(bits_text)), strict=False), remove)
+    return AllowedIP(uapi_prefix(value[1:] if remove else value), remove)
 
 
 def parse_set(lines: list[str]) -> SetTransaction:
@@ -540,23 +455,23 @@ def parse_set(lines: list[str]) -> SetTransaction:
         try:
             if key == "public_key":
                 close_section()
-                section = (_hex_key(value), n)
+                section = (hex_key(value), n)
                 update_only, ops, removed = False, [], False
             elif section is None:
                 if key == "private_key":
-                    k = _hex_key(value)
+                    k = hex_key(value)
                     device_ops.append(SetPrivateKey(crypto.clamp(k) if any(k) else None))
                 elif key == "listen_port":
-                    listen_port = _uint(value, 65535)
+                    listen_port = uint(value, 65535)
                 elif key == "fwmark":
-                    fwmark = _uint(value, 0xFFFFFFFF)
+                    fwmark = uint(value, 0xFFFFFFFF)
                 elif key == "replace_peers":
                     _true(value)
                     device_ops.append(ReplacePeers())
                 elif key in _PEER_KEYS:
-                    raise _Bad("a peer key needs a public_key line before it")
+                    raise BadValue("a peer key needs a public_key line before it")
                 else:
-                    raise _Bad("invalid UAPI device key")
+                    raise BadValue("invalid UAPI device key")
             else:
                 op: PeerOp | None = None
                 if key == "update_only":
@@ -566,12 +481,12 @@ def parse_set(lines: list[str]) -> SetTransaction:
                     _true(value)
                     op = Remove()
                 elif key == "preshared_key":
-                    k = _hex_key(value)
+                    k = hex_key(value)
                     op = SetPresharedKey(k if any(k) else None)
                 elif key == "endpoint":
-                    op = SetEndpoint(_endpoint(value))
+                    op = SetEndpoint(uapi_endpoint(value))
                 elif key == "persistent_keepalive_interval":
-                    op = SetKeepalive(_uint(value, 65535))
+                    op = SetKeepalive(uint(value, 65535))
                 elif key == "wgpy_bridge":
                     op = SetBridge(_bridge(value))
                 elif key == "replace_allowed_ips":
@@ -581,16 +496,16 @@ def parse_set(lines: list[str]) -> SetTransaction:
                     op = _allowed_ip(value)
                 elif key == "protocol_version":
                     if value != "1":
-                        raise _Bad(f"{_show(value)}: only protocol version 1 exists")
+                        raise BadValue(f"{show(value)}: only protocol version 1 exists")
                 elif key in _DEVICE_KEYS:
-                    raise _Bad("a device key cannot follow a peer section")
+                    raise BadValue("a device key cannot follow a peer section")
                 else:
-                    raise _Bad("invalid UAPI peer key")
+                    raise BadValue("invalid UAPI peer key")
                 if op is not None and not removed:
                     ops.append(op)
                     removed = isinstance(op, Remove)
-        except _Bad as e:
-            raise UapiError(EINVAL, f"line {n}: {_name(key)}: {e}") from None
+        except BadValue as e:
+            raise UapiError(EINVAL, f"line {n}: {uapi_name(key)}: {e}") from None
     close_section()
     return SetTransaction(listen_port, fwmark, tuple(device_ops), tuple(peers))
 
@@ -714,3 +629,173 @@ def handle(
         if on_error is not None:
             on_error(e)
         return f"errno={-e.errno}\n\n"
+
+
+# ---------------------------------------------------------------------------- client
+
+
+SOCKET_DIR = "/var/run/wireguard"
+CLIENT_TIMEOUT = 5.0  # seconds for a daemon to answer one request
+MAX_REPLY_BYTES = 64 * 1024 * 1024  # a get reply: ~100 bytes per allowed IP, 65536 peers
+U64_MAX = (1 << 64) - 1
+_ERRNO_VALUE = re.compile(r"-?[0-9]{1,9}")
+
+
+class ControlError(Exception):
+    """An interface whose daemon cannot be reached, refuses a request, or answers something
+    that is not a UAPI reply. The message starts with the interface name."""
+
+
+def socket_path(ifname: str, socket_dir: str = SOCKET_DIR) -> str:
+    return os.path.join(socket_dir, f"{ifname}.sock")
+
+
+def list_interfaces(socket_dir: str = SOCKET_DIR) -> list[str]:
+    """The interfaces with a UAPI socket (wgpy-daemon's or wireguard-go's), sorted."""
+    try:
+        names = os.listdir(socket_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(n[: -len(".sock")] for n in names if n.endswith(".sock"))
+
+
+def _request(ifname: str, body: str, socket_dir: str = SOCKET_DIR, timeout: float = CLIENT_TIMEOUT) -> str:
+    """Send one request, as `wg` does (blocking, one connection each); the reply without its
+    `errno=0` line. Raises ControlError."""
+    path = socket_path(ifname, socket_dir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    data = bytearray()
+    try:
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            raise ControlError(f"{ifname}: no such WireGuard interface ({path} missing)") from None
+        except OSError as exc:
+            raise ControlError(f"{ifname}: cannot connect to {path}: {exc.strerror or exc}") from None
+        try:
+            sock.sendall(body.encode("latin-1"))
+            while not data.endswith(b"\n\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > MAX_REPLY_BYTES:
+                    raise ControlError(f"{ifname}: the daemon's reply is longer than {MAX_REPLY_BYTES} bytes")
+        except socket.timeout:
+            raise ControlError(f"{ifname}: the daemon did not answer in {timeout:.0f} s") from None
+        except OSError as exc:  # a daemon that closes the connection (wireguard-go on get=wgpy)
+            raise ControlError(f"{ifname}: the connection to the daemon failed: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
+    lines = data.decode("utf-8", "replace").rstrip("\n").split("\n")
+    last = lines[-1]
+    code = last[len("errno="):]
+    if not last.startswith("errno=") or not _ERRNO_VALUE.fullmatch(code):
+        raise ControlError(f"{ifname}: malformed reply from the daemon")
+    if int(code):
+        raise ControlError(f"{ifname}: the daemon refused the request: {os.strerror(abs(int(code)))}")
+    return "\n".join(lines[:-1])
+
+
+def set_config(ifname: str, lines: list[str], socket_dir: str = SOCKET_DIR) -> None:
+    """A `set=1` request of `lines` (as uapi_set_lines in tunnel/config.py writes them)."""
+    _request(ifname, "set=1\n" + "".join(line + "\n" for line in lines) + "\n", socket_dir)
+
+
+@dataclass
+class PeerStatus:
+    """A peer as a `get` reply describes it. The preshared key is left out of repr()."""
+
+    public_key: bytes
+    preshared_key: bytes | None = field(default=None, repr=False)
+    endpoint: tuple[str, int] | None = None  # numeric, canonical (as uapi_endpoint reads it)
+    allowed_ips: list[Network] = field(default_factory=list)
+    latest_handshake: int = 0  # Unix seconds, 0 = never
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    persistent_keepalive: int = 0
+    # wgpy-daemon only (`get=wgpy`): the bridge, without its password, and its counters.
+    bridge: str | None = None
+    bridge_connected: bool = False
+    bridge_tx_packets: int = 0
+    bridge_rx_packets: int = 0
+    bridge_dropped: int = 0
+
+
+@dataclass
+class InterfaceStatus:
+    """An interface as a `get` reply describes it. The private key is left out of repr()."""
+
+    name: str
+    private_key: bytes | None = field(default=None, repr=False)
+    public_key: bytes | None = None  # derived from the private key
+    listen_port: int = 0
+    fwmark: int = 0
+    peers: list[PeerStatus] = field(default_factory=list)
+
+
+_PEER_COUNTERS = {
+    "last_handshake_time_sec": ("latest_handshake", U64_MAX),
+    "rx_bytes": ("rx_bytes", U64_MAX),
+    "tx_bytes": ("tx_bytes", U64_MAX),
+    "persistent_keepalive_interval": ("persistent_keepalive", 65535),
+    "wgpy_bridge_tx_packets": ("bridge_tx_packets", U64_MAX),
+    "wgpy_bridge_rx_packets": ("bridge_rx_packets", U64_MAX),
+    "wgpy_bridge_dropped": ("bridge_dropped", U64_MAX),
+}
+
+
+def parse_get_reply(ifname: str, text: str) -> InterfaceStatus:
+    """The reply to `get=1` or `get=wgpy` (without its errno line), as format_get writes it and
+    wireguard-go does, read with the grammar `set` lines have. Keys this version does not know
+    are skipped (a newer daemon may add some). Raises ControlError."""
+    status = InterfaceStatus(ifname)
+    peer: PeerStatus | None = None
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line:
+            continue
+        key, eq, value = line.partition("=")
+        try:
+            if not eq:
+                raise BadValue("no '=' in line")
+            if key == "private_key":
+                status.private_key = hex_key(value)
+                status.public_key = crypto.public_key(status.private_key)
+            elif key == "listen_port":
+                status.listen_port = uint(value, 65535)
+            elif key == "fwmark":
+                status.fwmark = uint(value, 0xFFFFFFFF)
+            elif key == "public_key":
+                peer = PeerStatus(hex_key(value))
+                status.peers.append(peer)
+            elif peer is None:
+                continue
+            elif key == "preshared_key":
+                psk = hex_key(value)
+                peer.preshared_key = psk if any(psk) else None
+            elif key == "endpoint":
+                peer.endpoint = uapi_endpoint(value)
+            elif key == "allowed_ip":
+                peer.allowed_ips.append(uapi_prefix(value))
+            elif key in _PEER_COUNTERS:
+                attr, maximum = _PEER_COUNTERS[key]
+                setattr(peer, attr, uint(value, maximum))
+            elif key == "wgpy_bridge":
+                peer.bridge = value
+            elif key == "wgpy_bridge_connected":
+                peer.bridge_connected = value == "1"
+        except BadValue as exc:
+            raise ControlError(f"{ifname}: malformed reply from the daemon, line {n}: {uapi_name(key)}: {exc}") from None
+    return status
+
+
+def get_status(ifname: str, socket_dir: str = SOCKET_DIR) -> InterfaceStatus:
+    """The interface's keys, port, fwmark and peers; with wgpy-daemon also each peer's bridge
+    (`get=wgpy`; anything else, e.g. wireguard-go, closes the connection on it, so `get=1`
+    follows)."""
+    try:
+        text = _request(ifname, "get=wgpy\n\n", socket_dir)
+    except ControlError:
+        text = _request(ifname, "get=1\n\n", socket_dir)
+    return parse_get_reply(ifname, text)

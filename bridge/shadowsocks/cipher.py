@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import blake3  # a declared dependency: Shadowsocks 2022 session subkeys
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher as _BlockCipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -149,20 +150,10 @@ def aead_subkey(master_key: bytes, salt: bytes) -> bytes:
     return okm[:n]
 
 
-def _blake3() -> Any:
-    try:
-        import blake3
-    except ImportError:
-        raise ConfigError(
-            "Shadowsocks 2022 methods need the 'blake3' package (pip install blake3)"
-        ) from None
-    return blake3
-
-
 def session_subkey_2022(psk: bytes, salt: bytes) -> bytes:
     """The SIP022 session subkey: BLAKE3 derive_key(context, psk || salt), psk-sized. For TCP the
     salt is the stream's salt, for UDP the 8-byte session id."""
-    hasher = _blake3().blake3(psk + salt, derive_key_context=BLAKE3_SUBKEY_CONTEXT)
+    hasher = blake3.blake3(psk + salt, derive_key_context=BLAKE3_SUBKEY_CONTEXT)
     return hasher.digest(length=len(psk))
 
 
@@ -222,7 +213,6 @@ class Cipher:
         self._key = key
         self._ecb_enc = self._ecb_dec = None
         if m.is_2022:
-            _blake3()  # fail now, not on the first packet
             block = _BlockCipher(algorithms.AES(key), modes.ECB())
             self._ecb_enc = block.encryptor()
             self._ecb_dec = block.decryptor()

@@ -4,7 +4,7 @@
     ss://PERCENT(method):PERCENT(password)@host:port[/][?plugin=...][#tag]   2022 (MUST), any method
     ss://BASE64(method:password@host:port)[#tag]                         legacy, parsed only
 
-IPv6 hosts are in brackets. Parsing accepts base64url with or without padding (also "%3D" padding
+host:port is transport/address.py's grammar (IPv6 hosts in brackets). Parsing accepts base64url with or without padding (also "%3D" padding
 and the standard alphabet, as written by some clients), ignores unknown query parameters, and
 checks what it returns: a supported method, a usable password (2022: a base64 PSK of the right
 length), a host, a port in 1..65535. Every error is a UriError whose message names the part that is
@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, unquote
 
+from transport.address import AddressError, canonical_host, format_address, split_host_port
+
 from .cipher import METHODS, Cipher, decode_psk, get_method
 from .errors import ConfigError
 
-_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 _B64_CHARS = re.compile(r"[A-Za-z0-9+/_-]*\Z")
-_PORT = re.compile(r"[0-9]{1,5}\Z")
 
 
 class UriError(ConfigError):
@@ -61,53 +60,14 @@ def _b64decode_lenient(text: str) -> bytes | None:
         return None
 
 
-def _check_host(host: str, what: str) -> str:
-    """The host as a ServerConfig holds it (IPv6 without brackets)."""
-    if not host:
-        raise UriError(f"{what}: the host is empty")
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise UriError(f"{what}: unclosed '[' around the IPv6 host")
-        inner = host[1:-1]
-        try:
-            return str(ipaddress.IPv6Address(inner))
-        except ValueError:
-            raise UriError(f"{what}: the host in brackets is not an IPv6 address") from None
-    if ":" in host:
-        raise UriError(f"{what}: an IPv6 host must be in brackets, e.g. [2001:db8::1]:8388")
+def _server_address(hostport: str) -> tuple[str, int]:
+    """host:port as transport/address.py reads it; an IP address in its canonical text. A name
+    ending in a numeric label is taken as written, as other Shadowsocks clients take it."""
     try:
-        return str(ipaddress.IPv4Address(host))
-    except ValueError:
-        pass
-    name = host[:-1] if host.endswith(".") else host
-    if len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
-        raise UriError(f"{what}: the host is not a valid host name or IP address")
-    return host
-
-
-def split_host_port(hostport: str, what: str = "ss URI") -> tuple[str, int]:
-    """"host:port" / "[v6]:port" -> (host without brackets, port 1..65535), strictly: a valid host
-    name or IP address, ASCII digits. Errors start with `what` and quote nothing."""
-    if hostport.startswith("["):
-        close = hostport.find("]")
-        if close < 0:
-            raise UriError(f"{what}: unclosed '[' around the IPv6 host")
-        host, rest = hostport[:close + 1], hostport[close + 1:]
-        if not rest.startswith(":"):
-            raise UriError(f"{what}: missing ':port' after the host")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = hostport.rpartition(":")
-        if not sep:
-            raise UriError(f"{what}: missing ':port' after the host")
-        if ":" in host:
-            raise UriError(f"{what}: an IPv6 host must be in brackets, e.g. [2001:db8::1]:8388")
-    if not _PORT.match(port_text):
-        raise UriError(f"{what}: the port is not a number")
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise UriError(f"{what}: the port is out of range 1..65535")
-    return _check_host(host, what), port
+        host, port = split_host_port(hostport, numeric_last_label_is_ipv4=False)
+    except AddressError as exc:  # quotes nothing from the URI
+        raise UriError(f"ss URI: {exc}") from None
+    return canonical_host(host), port
 
 
 def _check_credentials(method: str, password: str) -> tuple[str, str]:
@@ -202,7 +162,7 @@ def _parse(rest: str) -> ServerConfig:
             raise UriError("ss URI: the user info (method and password) is empty")
         method, password = _split_userinfo(userinfo)
     method, password = _check_credentials(method, password)
-    host, port = split_host_port(hostport)
+    host, port = _server_address(hostport)
     plugin = None
     if query:
         try:
@@ -225,10 +185,7 @@ def format_uri(config: ServerConfig) -> str:
     else:
         raw = f"{method.name}:{config.password}".encode("utf-8")
         userinfo = base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
-    host = config.host
-    if ":" in host:
-        host = f"[{host}]"
-    uri = f"ss://{userinfo}@{host}:{int(config.port)}"
+    uri = f"ss://{userinfo}@{format_address((config.host, int(config.port)))}"
     if config.plugin:
         uri += "/?plugin=" + quote(config.plugin, safe="")
     if config.tag:

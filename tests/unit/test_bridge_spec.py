@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, assume, example, given, settings, strategies
 
 from bridge.shadowsocks import METHODS, Cipher, Udp2022Client, Udp2022Server, parse_uri
 from bridge.spec import BridgeError, BridgeSpec, parse_bridge
+from transport.base import Endpoint
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 M2017 = [m for m in METHODS if not METHODS[m].is_2022]
@@ -325,11 +326,9 @@ def test_overhead_equals_real_growth(method, target):
     assert spec.overhead(target) == expected
 
 
-def test_overhead_accepts_a_bridged_endpoint_and_list():
-    from bridge.carrier import BridgedEndpoint
-
+def test_overhead_accepts_an_endpoint_and_list():
     spec = parse_bridge(b64_form("aes-256-gcm", PASSWORD, "192.0.2.1:8388"))
-    assert spec.overhead(BridgedEndpoint("192.0.2.5", 1, 3)) == 32 + 7 + 16
+    assert spec.overhead(Endpoint("192.0.2.5", 1, 3)) == 32 + 7 + 16
     assert spec.overhead(["2001:db8::1", 2]) == 32 + 19 + 16
 
 
@@ -386,3 +385,34 @@ def test_with_host_udp2tcp():
     moved = spec.with_host("2001:db8::9")
     assert moved.server == ("2001:db8::9", 443) and moved.uri == "udp2tcp://[2001:db8::9]:443"
     assert moved.numeric and not spec.numeric
+
+
+# ---------------------------------------------------------------- parsed once
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_spec_holds_the_parsed_server_and_hides_the_password(method):
+    secret = secret_for(method)
+    spec = parse_bridge(ss_uri(method, secret, "192.0.2.1:8388"))
+    config = spec.shadowsocks
+    assert (config.method, config.password, config.host, config.port) == (method, secret, "192.0.2.1", 8388)
+    for text in (repr(spec), str(spec), repr(spec.with_host("192.0.2.2"))):
+        assert secret not in text and quote(secret, safe="") not in text
+        assert spec.uri.split("@")[0][5:] not in text  # nor the encoded user info
+    assert spec.cipher().key == Cipher(method, secret).key
+    assert spec.cipher() is not spec.cipher()  # each carrier gets its own
+
+
+def test_udp2tcp_has_no_cipher():
+    spec = parse_bridge("udp2tcp://192.0.2.7:443")
+    assert spec.shadowsocks is None
+    with pytest.raises(BridgeError, match="no cipher"):
+        spec.cipher()
+
+
+def test_with_host_refuses_a_bad_host():
+    spec = parse_bridge(b64_form("aes-256-gcm", PASSWORD, "name.example.net:8388"))
+    for bad in ("", "bad host", "1.2.3", "[::1]"):
+        with pytest.raises(BridgeError) as exc:
+            spec.with_host(bad)
+        assert PASSWORD not in str(exc.value)

@@ -1,5 +1,6 @@
-"""bridge/carrier.py over loopback: a Shadowsocks carrier against a fake server built from the
-codec (AEAD-2017 and 2022), and a udp2tcp carrier against a fake udp-over-tcp echo server."""
+"""bridge/carrier.py over loopback: the Shadowsocks transport against a fake server built from the
+codec (AEAD-2017 and 2022), and the udp2tcp transport against a fake udp-over-tcp echo server.
+They are driven as the engine drives every transport: `run`, then a task per receive function."""
 
 from __future__ import annotations
 
@@ -14,16 +15,17 @@ import pytest
 import trio
 
 from bridge import carrier as carrier_mod
-from bridge.carrier import BridgedEndpoint, ShadowsocksCarrier, Udp2TcpCarrier, open_carrier
+from bridge.carrier import ShadowsocksTransport, Udp2TcpTransport, open_bridge
 from bridge.shadowsocks import METHODS, Cipher, ServerConfig, Udp2022Client, Udp2022Server, format_uri
 from bridge.spec import parse_bridge
 from bridge.udp2tcp import FrameDecoder, encode
+from transport.base import Endpoint
 
 LOOP = "127.0.0.1"
 IDENT = 7
 PASSWORD = "carrier-test-password"
 ALL_METHODS = list(METHODS)
-WG = BridgedEndpoint(LOOP, 51820, IDENT)
+WG = Endpoint(LOOP, 51820, IDENT)
 TIMEOUT = 5
 
 
@@ -43,8 +45,8 @@ class Inbox:
     """A deliver() callback that records every batch."""
 
     def __init__(self) -> None:
-        self.batches: list[list[tuple[bytes, BridgedEndpoint]]] = []
-        self.items: list[tuple[bytes, BridgedEndpoint]] = []
+        self.batches: list[list[tuple[bytes, Endpoint]]] = []
+        self.items: list[tuple[bytes, Endpoint]] = []
         self._changed = trio.Event()
 
     def __call__(self, batch) -> None:
@@ -59,6 +61,33 @@ class Inbox:
                 self._changed = trio.Event()
                 await self._changed.wait()
         return self.items
+
+
+def open_carrier(spec, ident: int, inbox: Inbox, fwmark: int = 0):
+    """A bridge transport as the engine opens one, with what the tests drive it by: a cancel
+    scope (the engine's per-transport scope) and the inbox its batches go to."""
+    transport = open_bridge(spec, ident, fwmark)
+    transport.scope = trio.CancelScope()
+    transport.inbox = inbox
+    return transport
+
+
+async def run_transport(transport) -> None:
+    """What the engine does with a transport: `run`, and the reader loop on each receive function."""
+
+    async def pump(receive) -> None:
+        while True:
+            try:
+                batch = await receive()
+            except trio.ClosedResourceError:
+                return
+            transport.inbox(batch)
+
+    with transport.scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(transport.run)
+            for receive in transport.receivers():
+                nursery.start_soon(pump, receive)
 
 
 class FakeSsServer:
@@ -126,8 +155,8 @@ async def start_ss(nursery, method: str, inbox: Inbox | None = None):
     await nursery.start(server.run)
     inbox = inbox if inbox is not None else Inbox()
     carrier = open_carrier(parse_bridge(server.uri(), numeric=True), IDENT, inbox)
-    assert isinstance(carrier, ShadowsocksCarrier)
-    nursery.start_soon(carrier.run)
+    assert isinstance(carrier, ShadowsocksTransport)
+    nursery.start_soon(run_transport, carrier)
     await until(lambda: carrier.connected)
     return server, carrier, inbox
 
@@ -140,16 +169,16 @@ async def start_ss(nursery, method: str, inbox: Inbox | None = None):
 async def test_ss_round_trip(method, target):
     async with trio.open_nursery() as nursery:
         server, carrier, inbox = await start_ss(nursery, method)
-        endpoint = BridgedEndpoint(*target, IDENT)
+        endpoint = Endpoint(*target, IDENT)
         payloads = [b"\x01" + bytes(31), os.urandom(148), os.urandom(1420), b"x"]
         for p in payloads:
-            carrier.send(p, endpoint)
+            carrier.send([(p, endpoint)])
         assert await server.wait_for(len(payloads)) == [(target, p) for p in payloads]
         items = await inbox.wait_for(len(payloads))
         assert items == [(b"re:" + p, endpoint) for p in payloads]
-        assert all(type(ep) is BridgedEndpoint for _, ep in items)
+        assert all(type(ep) is Endpoint for _, ep in items)
         stats = carrier.statistics()
-        assert stats == {"bridge": carrier.spec.redacted(), "connected": True,
+        assert stats == {"kind": carrier.kind, "bridge": carrier.spec.redacted(), "connected": True,
                          "sent": len(payloads), "received": len(payloads), "dropped": 0,
                          "drop_reasons": {}}
         assert server.secret not in str(stats)
@@ -163,14 +192,14 @@ async def test_ss_reply_endpoint_is_the_packets_source(method):
     async with trio.open_nursery() as nursery:
         server, carrier, inbox = await start_ss(nursery, method)
         server.reply_from = ("2001:db8::77", 4242)
-        carrier.send(b"hello", WG)
+        carrier.send([(b"hello", WG)])
         [(target, payload)] = await server.wait_for(1)
         assert (target, payload) == ((LOOP, 51820), b"hello")
-        assert await inbox.wait_for(1) == [(b"re:hello", BridgedEndpoint("2001:db8::77", 4242, IDENT))]
+        assert await inbox.wait_for(1) == [(b"re:hello", Endpoint("2001:db8::77", 4242, IDENT))]
         server.reply_from = ("198.51.100.3", 1)
-        carrier.send(b"again", WG)
+        carrier.send([(b"again", WG)])
         await inbox.wait_for(2)
-        assert inbox.items[1] == (b"re:again", BridgedEndpoint("198.51.100.3", 1, IDENT))
+        assert inbox.items[1] == (b"re:again", Endpoint("198.51.100.3", 1, IDENT))
         nursery.cancel_scope.cancel()
 
 
@@ -178,7 +207,7 @@ async def test_ss_reply_endpoint_is_the_packets_source(method):
 async def test_ss_batch_of_replies(method):
     async with trio.open_nursery() as nursery:
         server, carrier, inbox = await start_ss(nursery, method)
-        carrier.send(b"first", WG)
+        carrier.send([(b"first", WG)])
         await inbox.wait_for(1)
         server.reply = False
         # Several replies waiting at once are read in one wakeup and delivered in order.
@@ -221,7 +250,7 @@ def garbage_for(server: FakeSsServer) -> dict[str, bytes]:
 async def test_ss_garbage_from_the_server_is_dropped_and_counted(method):
     async with trio.open_nursery() as nursery:
         server, carrier, inbox = await start_ss(nursery, method)
-        carrier.send(b"one", WG)
+        carrier.send([(b"one", WG)])
         await inbox.wait_for(1)
         server.reply = False
         garbage = garbage_for(server)
@@ -250,7 +279,7 @@ async def test_ss_garbage_from_the_server_is_dropped_and_counted(method):
         assert carrier.received == len(wanted)
         assert carrier.connected  # garbage never stops the carrier
         server.reply = True
-        carrier.send(b"still", WG)
+        carrier.send([(b"still", WG)])
         await inbox.wait_for(len(wanted) + 1)
         nursery.cancel_scope.cancel()
 
@@ -262,8 +291,8 @@ async def test_ss_send_before_run_is_a_counted_drop(method):
         inbox = Inbox()
         carrier = open_carrier(parse_bridge(server.uri()), IDENT, inbox)
         assert not carrier.connected
-        carrier.send(b"too early", WG)  # never raises
-        carrier.send(b"", WG)
+        carrier.send([(b"too early", WG)])  # never raises
+        carrier.send([(b"", WG)])
         assert carrier.drops.total == 2
         assert carrier.sent == 0
         stats = carrier.statistics()
@@ -282,18 +311,19 @@ async def test_ss_cancelling_the_scope_stops_run(method):
         stopped = trio.Event()
 
         async def run_carrier():
-            await carrier.run()
+            await run_transport(carrier)
             stopped.set()
 
         nursery.start_soon(run_carrier)
         await until(lambda: carrier.connected)
-        carrier.send(b"up", WG)
+        carrier.send([(b"up", WG)])
         await inbox.wait_for(1)
         carrier.scope.cancel()
         with trio.fail_after(TIMEOUT):
-            await stopped.wait()  # run() returned on its own (the nursery was not cancelled)
+            await stopped.wait()  # its tasks returned on their own (the nursery was not cancelled)
+        carrier.close()  # what the engine does after cancelling: the socket goes with it
         assert not carrier.connected
-        carrier.send(b"after", WG)
+        carrier.send([(b"after", WG)])
         assert carrier.drops.reasons["no socket to the server yet"] == 1
         nursery.cancel_scope.cancel()
 
@@ -304,20 +334,23 @@ async def test_ss_cancelled_before_run_returns_at_once():
         carrier = open_carrier(parse_bridge(server.uri()), IDENT, Inbox())
         carrier.scope.cancel()
         with trio.fail_after(TIMEOUT):
-            await carrier.run()
+            await run_transport(carrier)
+        carrier.close()
         assert not carrier.connected
+        carrier.send([(b"late", WG)])
+        assert carrier.drops.reasons == {"no socket to the server yet": 1}
 
 
 async def test_ss_closed_server_port_is_counted_not_raised():
     async with trio.open_nursery() as nursery:
         server, carrier, inbox = await start_ss(nursery, "aes-256-gcm")
-        carrier.send(b"ping", WG)
+        carrier.send([(b"ping", WG)])
         await inbox.wait_for(1)
         server.scope.cancel()  # the port closes: ICMP port unreachable from now on
         await until(lambda: server.sock.fileno() == -1)
         with trio.fail_after(TIMEOUT):
             while not any("ECONNREFUSED" in r for r in carrier.drops.reasons):
-                carrier.send(b"lost", WG)  # never raises
+                carrier.send([(b"lost", WG)])  # never raises
                 await trio.sleep(0.001)
         assert set(carrier.drops.reasons) <= {"udp send: ECONNREFUSED", "udp receive: ECONNREFUSED"}
         assert carrier.connected  # the carrier keeps going
@@ -347,11 +380,11 @@ async def test_ss_run_retries_with_backoff_when_the_socket_cannot_be_opened(monk
         monkeypatch.setattr(carrier_mod, "trio", SimpleNamespace(
             sleep=recorded_sleep, lowlevel=trio.lowlevel, CancelScope=trio.CancelScope,
             ClosedResourceError=trio.ClosedResourceError))
-        nursery.start_soon(carrier.run)
+        nursery.start_soon(run_transport, carrier)
         await until(lambda: carrier.connected)
         assert len(attempts) == 9
         assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]  # RETRY_MIN doubling to RETRY_MAX
-        carrier.send(b"finally", WG)
+        carrier.send([(b"finally", WG)])
         assert await inbox.wait_for(1) == [(b"re:finally", WG)]
         nursery.cancel_scope.cancel()
 
@@ -361,10 +394,10 @@ async def test_ss_open_carrier_kind_and_fwmark_zero():
     with server.sock:
         spec = parse_bridge(server.uri())
         carrier = open_carrier(spec, 3, Inbox())
-        assert isinstance(carrier, ShadowsocksCarrier)
+        assert isinstance(carrier, ShadowsocksTransport)
         assert (carrier.spec, carrier.ident, carrier.fwmark) == (spec, 3, 0)
-        assert carrier.endpoint(("192.0.2.1", 9)) == BridgedEndpoint("192.0.2.1", 9, 3)
-        assert carrier.endpoint(None) == BridgedEndpoint(*server.address, 3)
+        assert carrier.endpoint(("192.0.2.1", 9)) == Endpoint("192.0.2.1", 9, 3)
+        assert carrier.endpoint(None) == Endpoint(*server.address, 3)
 
 
 # ---------------------------------------------------------------- udp2tcp
@@ -414,8 +447,8 @@ async def start_udp2tcp(nursery, greeting: bytes | None = None):
     inbox = Inbox()
     spec = parse_bridge(f"udp2tcp://{server.address[0]}:{server.address[1]}", numeric=True)
     carrier = open_carrier(spec, IDENT, inbox)
-    assert isinstance(carrier, Udp2TcpCarrier)
-    nursery.start_soon(carrier.run)
+    assert isinstance(carrier, Udp2TcpTransport)
+    nursery.start_soon(run_transport, carrier)
     await until(lambda: carrier.connected)
     return server, carrier, inbox
 
@@ -423,16 +456,16 @@ async def start_udp2tcp(nursery, greeting: bytes | None = None):
 async def test_udp2tcp_round_trip_with_the_endpoint_last_sent_to():
     async with trio.open_nursery() as nursery:
         server, carrier, inbox = await start_udp2tcp(nursery)
-        a = BridgedEndpoint("192.0.2.1", 51820, IDENT)
-        b = BridgedEndpoint("2001:db8::2", 443, IDENT)
-        carrier.send(b"one", a)
+        a = Endpoint("192.0.2.1", 51820, IDENT)
+        b = Endpoint("2001:db8::2", 443, IDENT)
+        carrier.send([(b"one", a)])
         assert await inbox.wait_for(1) == [(b"echo:one", a)]
-        carrier.send(b"two", b)
+        carrier.send([(b"two", b)])
         await inbox.wait_for(2)
         assert inbox.items[1] == (b"echo:two", b)
         sizes = [b"", bytes(1), os.urandom(1420), os.urandom(65000), os.urandom(0xFFFF)]
         for d in sizes:
-            carrier.send(d, a)
+            carrier.send([(d, a)])
         items = await inbox.wait_for(2 + len(sizes))
         assert await server.wait_for(2 + len(sizes)) == [b"one", b"two", *sizes]
         assert [p for p, _ in items[2:]] == [b"echo:" + d if len(d) < 0xFFFF - 5 else d for d in sizes]
@@ -450,8 +483,8 @@ async def test_udp2tcp_reply_before_any_send_comes_from_the_server():
         server, carrier, inbox = await start_udp2tcp(nursery, greeting=b"hello first")
         [(payload, endpoint)] = await inbox.wait_for(1)
         assert payload == b"hello first"
-        assert endpoint == BridgedEndpoint(server.address[0], server.address[1], IDENT)
-        assert type(endpoint) is BridgedEndpoint
+        assert endpoint == Endpoint(server.address[0], server.address[1], IDENT)
+        assert type(endpoint) is Endpoint
         nursery.cancel_scope.cancel()
 
 
@@ -459,7 +492,7 @@ async def test_udp2tcp_send_before_run_is_a_counted_drop():
     inbox = Inbox()
     carrier = open_carrier(parse_bridge("udp2tcp://127.0.0.1:9"), IDENT, inbox)
     assert not carrier.connected
-    carrier.send(b"too early", WG)  # never raises
+    carrier.send([(b"too early", WG)])  # never raises
     stats = carrier.statistics()
     assert (stats["connected"], stats["sent"], stats["dropped"]) == (False, 0, 1)
     assert inbox.items == []
@@ -473,7 +506,7 @@ async def test_udp2tcp_cancelling_the_scope_stops_run():
         stopped = trio.Event()
 
         async def run_carrier():
-            await carrier.run()
+            await run_transport(carrier)
             stopped.set()
 
         nursery.start_soon(run_carrier)
@@ -490,9 +523,9 @@ async def test_udp2tcp_send_never_raises_even_for_an_oversized_datagram():
     WireGuard datagrams of up to 65535 + 32 bytes, which the u16 framing cannot carry."""
     async with trio.open_nursery() as nursery:
         server, carrier, inbox = await start_udp2tcp(nursery)
-        carrier.send(bytes(0xFFFF + 32), WG)  # must be dropped and counted
+        carrier.send([(bytes(0xFFFF + 32), WG)])  # must be dropped and counted
         assert carrier.statistics()["dropped"] == 1
-        carrier.send(b"next", WG)
+        carrier.send([(b"next", WG)])
         assert await inbox.wait_for(1) == [(b"echo:next", WG)]
         nursery.cancel_scope.cancel()
 
@@ -502,16 +535,16 @@ async def test_ss_reopen_replaces_the_socket_and_traffic_goes_on():
     with EINVAL/EADDRNOTAVAIL/ENETUNREACH): the carrier opens a new socket and carries on."""
     async with trio.open_nursery() as nursery:
         server, carrier, inbox = await start_ss(nursery, "aes-256-gcm")
-        carrier.send(b"before", WG)
+        carrier.send([(b"before", WG)])
         await inbox.wait_for(1)
         old = carrier._sock
         carrier.reopen("test")
         assert not carrier.connected
-        carrier.send(b"lost", WG)  # no socket for a moment: a counted drop
+        carrier.send([(b"lost", WG)])  # no socket for a moment: a counted drop
         assert carrier.drops.reasons == {"no socket to the server yet": 1}
         await until(lambda: carrier.connected)
         assert carrier._sock is not old and old.fileno() == -1
-        carrier.send(b"after", WG)
+        carrier.send([(b"after", WG)])
         assert (await inbox.wait_for(2))[1] == (b"re:after", WG)
         nursery.cancel_scope.cancel()
 
@@ -532,10 +565,94 @@ async def test_ss_send_error_that_means_a_dead_source_address_reopens(monkeypatc
 
         real = carrier._sock
         carrier._sock = DeadSource(real)
-        carrier.send(b"x", WG)
+        carrier.send([(b"x", WG)])
         assert carrier.drops.reasons == {"udp send: EADDRNOTAVAIL": 1}
         assert not carrier.connected
         await until(lambda: carrier.connected)
-        carrier.send(b"y", WG)
+        carrier.send([(b"y", WG)])
         assert (await inbox.wait_for(1)) == [(b"re:y", WG)]
+        nursery.cancel_scope.cancel()
+
+
+class _FullAfter:
+    """A socket whose send buffer fills after `room` datagrams (then would block)."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.packets: list[bytes] = []
+
+    def send(self, packet: bytes) -> int:
+        if len(self.packets) >= self.room:
+            raise BlockingIOError(errno.EAGAIN, "full")
+        self.packets.append(packet)
+        return len(packet)
+
+
+@pytest.mark.parametrize("method", ["aes-128-gcm", "2022-blake3-aes-128-gcm"])
+def test_ss_send_returns_what_would_block_for_the_engine_to_offer_again(method):
+    """The transport back-pressure rule: a full socket is not a drop; the unsent tail comes back
+    in order, and sending it later (a 2022 packet id is spent on the refused one) works."""
+    spec = parse_bridge(format_uri(ServerConfig(method, secret_for(method), LOOP, 8388)))
+    carrier = open_bridge(spec, IDENT)
+    sock = _FullAfter(room=3)
+    carrier._sock = sock
+    batch = [(b"d%d" % i, WG) for i in range(5)]
+    rest = carrier.send(batch)
+    assert rest == batch[3:] and carrier.sent == 3 and carrier.drops.total == 0
+    sock.room = 10
+    assert carrier.send(rest) == [] and carrier.sent == 5
+    opener = Udp2022Server(carrier.cipher) if METHODS[method].is_2022 else None
+    payloads = [(opener.open(p, time.time()).payload if opener is not None else carrier.cipher.open_udp(p)[1])
+                for p in sock.packets]
+    assert payloads == [d for d, _ in batch]
+    carrier._sock = None
+
+
+async def test_udp2tcp_send_returns_what_would_block_and_wait_writable_waits_for_the_drain():
+    """udp2tcp under the same back-pressure rule: once its send buffer is half full, `send`
+    hands the rest back instead of dropping it, and `wait_writable` returns once the server
+    reads again."""
+    paused = trio.Event()
+    reading = trio.Event()
+    received = []
+
+    async def slow_server(stream: trio.SocketStream) -> None:
+        decoder = FrameDecoder()
+        paused.set()
+        await reading.wait()
+        async for chunk in stream:
+            received.extend(decoder.feed(chunk))
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host=LOOP)
+        address = listeners[0].socket.getsockname()[:2]
+        nursery.start_soon(trio.serve_listeners, slow_server, listeners)
+        carrier = open_carrier(parse_bridge(f"udp2tcp://{LOOP}:{address[1]}"), IDENT, Inbox())
+        carrier.client.max_pending = 256 * 1024
+        nursery.start_soon(run_transport, carrier)
+        await until(lambda: carrier.connected)
+        await paused.wait()
+        datagram = bytes(1400)
+        batch = [(datagram, WG)] * 64
+        sent = 0
+        with trio.fail_after(TIMEOUT):
+            while True:
+                rest = carrier.send(batch)
+                sent += len(batch) - len(rest)
+                if rest:
+                    break
+                await trio.sleep(0)
+        assert carrier.client.would_block
+        assert carrier.statistics()["dropped"] == 0  # handed back, not dropped
+        total = sent + len(rest)
+        reading.set()
+        with trio.fail_after(TIMEOUT):
+            await carrier.wait_writable()
+            while rest:
+                rest = carrier.send(rest)
+                await carrier.wait_writable()
+            while len(received) < total:
+                await trio.sleep(0.01)
+        assert len(received) == total
+        assert carrier.statistics()["dropped"] == 0
         nursery.cancel_scope.cancel()

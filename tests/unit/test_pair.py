@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import EP_A, EP_B, Pair, ip4, ip6
+from transport.base import Endpoint
 from tunnel.noise import Drop
 from tunnel.noise.constants import (
     MAX_TIMER_HANDSHAKES,
@@ -297,14 +298,14 @@ def test_no_route_dropped():
 def test_roaming_follows_authenticated_source():
     p = Pair()
     p.handshake()
-    new_ep = ("203.0.113.7", 40000)
+    new_ep = Endpoint("203.0.113.7", 40000)
     p.addr["a"] = new_ep  # a's underlay address changes (NAT rebinding, new network)
     p.send_a()
     assert p.pb.endpoint == new_ep
     p.send_b(ip4("10.9.0.2", "10.9.0.1", b"follow"))
     assert p.tun["a"][-1].endswith(b"follow")
     # a forged datagram from elsewhere does not move the endpoint
-    p.b.inbound([(b"\x04\0\0\0" + bytes(40), ("192.0.2.66", 1))], p.now)
+    p.b.inbound([(b"\x04\0\0\0" + bytes(40), Endpoint("192.0.2.66", 1))], p.now)
     assert p.pb.endpoint == new_ep
 
 
@@ -312,8 +313,9 @@ def test_pinned_endpoint_does_not_roam():
     """A peer pinned to a path (a bridge) keeps its endpoint whatever source its authenticated
     packets come from, and handshake responses go to the endpoint, not to the source."""
     p = Pair()
-    p.pa.roaming = False
-    elsewhere = ("203.0.113.7", 40000)  # b reaches a another way
+    p.a.set_endpoint(p.pa, EP_B, pinned=True)
+    assert p.pa.pinned and p.pa.endpoint == EP_B
+    elsewhere = Endpoint("203.0.113.7", 40000)  # b reaches a another way
     init = [d for d, _ in p.b.outbound([ip4("10.9.0.2", "10.9.0.1")], p.now)]
     assert init and init[0][0] == 1
     res = p.a.inbound([(init[0], elsewhere)], p.now)
@@ -333,10 +335,81 @@ def test_pinned_endpoint_does_not_roam():
 
 def test_pinned_endpoint_without_endpoint_answers_nothing():
     p = Pair(b_endpoint_of_a=None)
-    p.pb.roaming = False
+    p.b.set_endpoint(p.pb, None, pinned=True)
     p.send_a()
     assert p.tun["b"] == [] and p.pb.endpoint is None
     assert p.b.drops[Drop.NO_ENDPOINT] == 1
+
+
+def test_set_endpoint_pins_and_unpinning_restores_roaming():
+    p = Pair()
+    assert not p.pb.pinned  # add_peer(endpoint=...) leaves the peer roaming
+    via_bridge = Endpoint("192.0.2.1", 51820, via=1)  # the same address, through transport 1
+    p.b.set_endpoint(p.pb, via_bridge, pinned=True)
+    init = p.a.outbound([ip4("10.9.0.1", "10.9.0.2")], p.now)
+    res = p.b.inbound([(init[0][0], EP_A)], p.now)  # arrives over plain UDP
+    assert [ep for _, ep in res.to_net] == [via_bridge] and p.pb.endpoint == via_bridge
+    p.b.set_endpoint(p.pb, via_bridge)  # unpinned: the next authenticated packet moves it
+    assert not p.pb.pinned and p.pb.endpoint == via_bridge
+    data = p.a.inbound([(res.to_net[0][0], EP_B)], p.now).to_net
+    assert len(p.b.inbound([(data[0][0], EP_A)], p.now).to_tun) == 1
+    assert p.pb.endpoint == EP_A
+    p.b.set_endpoint(p.pb, None)
+    assert p.pb.endpoint is None and not p.pb.pinned
+
+
+@pytest.mark.parametrize("kind", ["initiation", "response", "transport"])
+@pytest.mark.parametrize("pinned", [False, True])
+def test_one_endpoint_rule_for_every_authenticated_message(kind, pinned):
+    """Initiations, responses and transport data all go through the same rule: a roaming peer
+    moves to the source, a pinned one stays (and answers go to the pinned endpoint)."""
+    p = Pair()
+    elsewhere = Endpoint("203.0.113.7", 40000)
+    if kind == "initiation":  # a initiates; b receives it from elsewhere
+        p.b.set_endpoint(p.pb, EP_A, pinned=pinned)
+        init = p.a.outbound([ip4("10.9.0.1", "10.9.0.2")], p.now)
+        res = p.b.inbound([(init[0][0], elsewhere)], p.now)
+        assert [(d[0], ep) for d, ep in res.to_net] == [(MSG_RESPONSE, EP_A if pinned else elsewhere)]
+    elif kind == "response":  # b initiates; the response comes from elsewhere
+        p.b.set_endpoint(p.pb, EP_A, pinned=pinned)
+        init = p.b.outbound([ip4("10.9.0.2", "10.9.0.1")], p.now)
+        resp = p.a.inbound([(init[0][0], EP_B)], p.now).to_net
+        res = p.b.inbound([(resp[0][0], elsewhere)], p.now)
+        assert p.pb.keypairs.current is not None  # authenticated
+        assert {ep for _, ep in res.to_net} == {EP_A if pinned else elsewhere}
+    else:
+        p.handshake()
+        p.b.set_endpoint(p.pb, EP_A, pinned=pinned)
+        data = p.a.outbound([ip4("10.9.0.1", "10.9.0.2", b"x")], p.now)
+        assert len(p.b.inbound([(data[0][0], elsewhere)], p.now).to_tun) == 1
+    assert p.pb.endpoint == (EP_A if pinned else elsewhere)
+    assert p.pb.pinned == pinned
+
+
+def test_roaming_in_a_batch_follows_the_order_of_datagrams():
+    """Transport data applies the rule once per peer per batch, but as if per datagram: the
+    last source wins, and packets staged for key confirmation go where the peer now is."""
+    p = Pair()
+    p.handshake()
+    one, two = Endpoint("203.0.113.1", 1), Endpoint("203.0.113.2", 2)
+    out = p.a.outbound([ip4("10.9.0.1", "10.9.0.2", bytes([i])) for i in range(3)], p.now)
+    res = p.b.inbound([(out[0][0], one), (out[1][0], two), (out[2][0], one)], p.now)
+    assert len(res.to_tun) == 3 and p.pb.endpoint == one
+    # data, then a new initiation from elsewhere in the same batch: the initiation is later
+    p.now += 1.0
+    data = p.a.outbound([ip4("10.9.0.1", "10.9.0.2")], p.now)
+    init = _fresh_initiation(p, 1.0)
+    res = p.b.inbound([(data[0][0], one), (init, two)], p.now)
+    assert [(d[0], ep) for d, ep in res.to_net] == [(MSG_RESPONSE, two)] and p.pb.endpoint == two
+    # b as responder: its reply waits for key confirmation, then goes to the confirming source
+    q = Pair()
+    init = q.a.outbound([ip4("10.9.0.1", "10.9.0.2")], q.now)  # staged at a
+    resp = q.b.inbound([(init[0][0], EP_A)], q.now).to_net
+    q.b.outbound([ip4("10.9.0.2", "10.9.0.1", b"staged")], q.now)  # waits for confirmation
+    assert q.pb.staged
+    confirm = q.a.inbound([(resp[0][0], EP_B)], q.now).to_net
+    res = q.b.inbound([(confirm[0][0], two)], q.now)
+    assert [ep for _, ep in res.to_net] == [two] and q.pb.endpoint == two
 
 
 def test_responder_without_endpoint_learns_it():
@@ -416,3 +489,4 @@ def test_initiator_rekeys_on_receive_after_165s():
     assert inits, "initiator never rekeyed"
     assert 165 < inits[0].time - created <= 190
     assert p.sent("b", MSG_INITIATION) == []
+

@@ -1008,3 +1008,74 @@ def test_reader_get_wgpy_violations(data, code):
     assert exc.value.errno == code
     with pytest.raises(UapiError):
         r.feed(b"get=wgpy\n\n")
+
+
+# ---------------------------------------------------------------------------- client side
+
+import socket as _socket  # noqa: E402
+import threading as _threading  # noqa: E402
+
+from tunnel.uapi import ControlError, get_status, list_interfaces, parse_get_reply, set_config  # noqa: E402
+
+
+def test_get_reply_parses_back_to_what_the_device_holds():
+    dev, iface = configured()
+    reply = get_reply(dev, iface)
+    status = parse_get_reply("wg9", reply[: -len("errno=0\n\n")])
+    assert (status.name, status.private_key, status.public_key) == ("wg9", PRIV, public_key(PRIV))
+    assert (status.listen_port, status.fwmark) == (51820, 0x1234)
+    p1, p2 = status.peers
+    assert (p1.public_key, p1.preshared_key, p1.endpoint, p1.persistent_keepalive) == (PK1, PSK, ("192.0.2.1", 51820), 25)
+    assert [str(n) for n in p1.allowed_ips] == ["10.0.0.0/24", "fd00::/64"]
+    assert (p2.public_key, p2.preshared_key, p2.endpoint) == (PK2, None, ("2001:db8::1", 443))
+    assert PRIV.hex() not in repr(status) and PSK.hex() not in repr(status)
+    assert str(PRIV) not in repr(status) and str(PSK) not in repr(status)
+
+
+@pytest.mark.parametrize("text", [
+    "listen_port=x", f"public_key={PK1.hex()}\nendpoint=example.com:1", f"public_key={PK1.hex()}\nrx_bytes=-1",
+    "private_key=abc", f"public_key={PK1.hex()}\nallowed_ip=10.0.0.0", "junk",
+])
+def test_malformed_get_reply_is_a_control_error(text):
+    with pytest.raises(ControlError, match="wg9: malformed reply") as info:
+        parse_get_reply("wg9", text)
+    assert "abc" not in str(info.value)
+
+
+def _serve_once(path: str, replies: list[bytes], received: list[bytes]) -> _threading.Thread:
+    """A UNIX socket answering one request per connection with the next reply."""
+    server = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen()
+
+    def run() -> None:
+        with server:
+            for reply in replies:
+                conn, _ = server.accept()
+                with conn:
+                    data = b""
+                    while not data.endswith(b"\n\n"):
+                        data += conn.recv(4096)
+                    received.append(data)
+                    conn.sendall(reply)
+
+    thread = _threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_client_get_falls_back_to_get_1_and_set_reports_refusal(tmp_path):
+    dev, iface = configured()
+    received: list[bytes] = []
+    # wireguard-go closes the connection on get=wgpy: the client asks get=1 instead.
+    thread = _serve_once(str(tmp_path / "wg9.sock"), [b"", get_reply(dev, iface).encode(), b"errno=-22\n\n"],
+                         received)
+    assert list_interfaces(str(tmp_path)) == ["wg9"]
+    status = get_status("wg9", str(tmp_path))
+    assert [p.public_key for p in status.peers] == [PK1, PK2]
+    with pytest.raises(ControlError, match="wg9: the daemon refused the request"):
+        set_config("wg9", ["listen_port=1"], str(tmp_path))
+    thread.join(5)
+    assert received == [b"get=wgpy\n\n", b"get=1\n\n", b"set=1\nlisten_port=1\n\n"]
+    with pytest.raises(ControlError, match="no such WireGuard interface"):
+        get_status("wg8", str(tmp_path))

@@ -51,11 +51,6 @@ class _Family(Generic[T]):
         return None
 
 
-def parse_prefix(text: str) -> Network:
-    """Parse 'addr/len' (host bits are cleared, as `wg` does). Raises ValueError."""
-    return ipaddress.ip_network(text.strip(), strict=False)
-
-
 class AllowedIPs(Generic[T]):
     def __init__(self) -> None:
         self._v4: _Family[T] = _Family(32)

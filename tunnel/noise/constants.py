@@ -14,7 +14,6 @@ MSG_TRANSPORT = 4
 INITIATION_SIZE = 148
 RESPONSE_SIZE = 92
 COOKIE_REPLY_SIZE = 64
-TRANSPORT_HEADER_SIZE = 16
 TRANSPORT_MIN_SIZE = 32  # header + tag: a keepalive
 
 # Limits and timers, in messages and seconds.

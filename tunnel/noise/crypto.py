@@ -37,7 +37,6 @@ __all__ = [
     "aead_open",
     "xaead_seal",
     "xaead_open",
-    "aead_nonce",
     "constant_time_eq",
 ]
 
@@ -106,11 +105,6 @@ def dh(private: bytes, public: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).exchange(
         X25519PublicKey.from_public_bytes(public)
     )
-
-
-def aead_nonce(counter: int) -> bytes:
-    """WireGuard's 96-bit nonce: 32 zero bits then the counter as little-endian u64."""
-    return _NONCE.pack(counter)
 
 
 def aead_seal(key: bytes, counter: int, plaintext: bytes, ad: bytes) -> bytes:

@@ -9,6 +9,10 @@ No sockets, no trio, no clock reads: `now` is a monotonic time in seconds suppli
 and Unix time (for TAI64N and `wg show`) is `now + wall_offset`. A datagram that fails any check is
 dropped and counted in `drops` by reason; nothing off the wire raises out of these calls, and only
 authenticated messages change protocol state.
+
+A peer's endpoint changes in two ways only: configuration (`set_endpoint`, `add_peer`) and the
+roaming rule (`_authenticated_from`), which every authenticated message goes through. Timer rules
+live in `PeerTimers`: the device reports events to it and carries out the actions `due` returns.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from transport.base import Datagram, Endpoint
+
 from . import crypto
 from .allowedips import AllowedIPs, Network
 from .constants import (
     DEFAULT_MTU,
     HANDSHAKE_LOAD_THRESHOLD,
     INITIATION_SIZE,
-    MAX_TIMER_HANDSHAKES,
     MSG_COOKIE_REPLY,
     MSG_INITIATION,
     MSG_RESPONSE,
@@ -53,12 +58,10 @@ from .handshake import (
     derive_transport_keys,
 )
 from .messages import COOKIE_RECEIVER, INIT_SENDER, RESP_RECEIVER, RESP_SENDER, TRANSPORT_HEADER, u32
-from .peer import Endpoint, Peer
+from .peer import Peer
 from .ratelimit import RateLimiter
 from .session import Keypair
-from .timers import Timer
-
-Datagram = tuple[bytes, Endpoint]
+from .timers import Action
 
 _NONCE = crypto._NONCE  # "<4xQ": the transport nonce
 _PAD = bytes(16)
@@ -98,20 +101,23 @@ class Inbound:
 
 
 def _source_bytes(src: Endpoint) -> bytes:
-    """The bytes a cookie is bound to: packed IP || port, or a stable encoding of any other
-    endpoint type the I/O layer uses."""
+    """The bytes a cookie is bound to: the source's packed IP || port, as wireguard-go (not the
+    transport: the peer's mac2 covers what it was told, the address). A source that is not an
+    (IP, port), which no transport produces, gets a stable encoding of itself instead."""
     try:
-        host, port = src[0], src[1]  # type: ignore[index]
+        host, port = src[0], src[1]
         return ipaddress.ip_address(host).packed + int(port).to_bytes(2, "big")
-    except (TypeError, ValueError, IndexError, KeyError, OverflowError):
+    except (TypeError, ValueError, LookupError, OverflowError):
         return repr(src).encode()
 
 
-def _source_host(src: Endpoint) -> object:
+def _source_host(src: Endpoint) -> str:
+    """The rate limiter's key: the source's host (every port of an address shares one bucket)."""
     try:
-        return src[0]  # type: ignore[index]
-    except (TypeError, IndexError, KeyError):
-        return src
+        host = src[0]
+    except (TypeError, LookupError):
+        return repr(src)
+    return host if isinstance(host, str) else repr(host)
 
 
 def _padded_length(n: int, mtu: int) -> int:
@@ -197,7 +203,7 @@ class Device:
             raise ValueError("a peer cannot have our own public key")
         peer = Peer(self.identity, public_key, preshared_key or bytes(32), self._jitter)
         self.peers[public_key] = peer
-        peer.endpoint = endpoint
+        self.set_endpoint(peer, endpoint)
         for net in allowed_ips:
             self.add_allowed_ip(peer, net)
         self.set_persistent_keepalive(peer, persistent_keepalive)
@@ -209,7 +215,16 @@ class Device:
             return
         self.allowed_ips.remove_value(peer)
         self._zero_peer(peer)
-        peer.timers.stop_all()
+        peer.timers.stop()
+
+    def set_endpoint(self, peer: Peer, endpoint: Endpoint | None, *, pinned: bool = False) -> None:
+        """Where `peer` is (None: unknown until it sends to us). Unpinned, the peer roams: it moves
+        to the source of each authenticated packet from it. `pinned` keeps it at `endpoint`
+        whatever the source, and answers its handshakes there (a peer reached through a bridge:
+        a packet that arrives some other way must not move our replies off that path). Setting
+        it again unpinned lets it roam again."""
+        peer.endpoint = endpoint
+        peer.pinned = pinned
 
     def set_preshared_key(self, peer: Peer, preshared_key: bytes | None) -> None:
         key = preshared_key or bytes(32)
@@ -220,11 +235,9 @@ class Device:
     def set_persistent_keepalive(self, peer: Peer, seconds: int) -> None:
         if not 0 <= seconds <= 65535:
             raise ValueError("persistent keepalive is 0..65535 seconds")
-        was = peer.timers.persistent_keepalive_interval
-        peer.timers.persistent_keepalive_interval = seconds
-        if seconds == 0:
-            peer.timers.deadlines.pop(Timer.PERSISTENT_KEEPALIVE, None)
-        elif seconds != was:
+        was = peer.timers.persistent_keepalive
+        peer.timers.set_persistent_keepalive(seconds)
+        if seconds and seconds != was:
             # As wireguard-go: turning it on sends a keepalive now (starting a handshake).
             peer.keepalive_requested = True
 
@@ -280,6 +293,14 @@ class Device:
         peer.timers.session_derived(now)
         return kp
 
+    def _authenticated_from(self, peer: Peer, src: Endpoint) -> Endpoint | None:
+        """The endpoint rule, applied to every authenticated message from `peer` (initiation,
+        response, transport data) received from `src`: a roaming peer moves to `src`, a pinned
+        one stays. Returns where an answer goes: the endpoint (None: pinned and unknown)."""
+        if not peer.pinned:
+            peer.endpoint = src
+        return peer.endpoint
+
     def _handshake_complete(self, peer: Peer, now: float) -> None:
         peer.timers.handshake_complete(now)
         peer.last_handshake_wall = now + self.wall_offset
@@ -303,7 +324,7 @@ class Device:
         timers = peer.timers
         hs = peer.handshake
         if not is_retry:
-            timers.handshake_attempts = 0
+            timers.handshake_requested(now)
         if hs.last_sent_handshake is not None and now - hs.last_sent_handshake < REKEY_TIMEOUT:
             return  # rate limited: at most one initiation per REKEY_TIMEOUT
         if self.identity is None:
@@ -446,6 +467,11 @@ class Device:
         under_load = self._note_handshake_load(n_handshakes, now) if n_handshakes else self.under_load(now)
 
         touched: dict[Peer, bool] = {}  # peer -> data (not only keepalives) received
+        # The source of each peer's latest authenticated transport datagram, not yet given to
+        # the endpoint rule: it runs once per peer, before anything reads or moves an endpoint
+        # (a handshake, a key confirmation, the end of the batch), so the result is as if it
+        # ran per datagram.
+        sources: dict[Peer, Endpoint] = {}
         last_index = -1
         kp: Keypair | None = None
         decrypt = replay_check = None
@@ -465,6 +491,8 @@ class Device:
                 self.drops[Drop.BAD_TYPE] += 1
                 continue
             if mtype != MSG_TRANSPORT:
+                if sources:
+                    self._apply_sources(sources)
                 self._handshake_message(mtype, data, src, now, under_load, result.to_net)
                 # A handshake may have replaced keypairs: forget the cached one.
                 last_index, kp = -1, None
@@ -504,10 +532,10 @@ class Device:
 
             # Authenticated from here on.
             peer = kp.peer
-            if peer.roaming:  # follow the peer to wherever it now sends from
-                peer.endpoint = src
+            sources[peer] = src
             peer.rx_bytes += n
             if kp is peer.keypairs.next:
+                self._authenticated_from(peer, src)  # the staged packets go where it now is
                 self._retire([r] if (r := peer.keypairs.confirm(kp)) else [])
                 self._handshake_complete(peer, now)
                 self._send_staged(peer, now, result.to_net)
@@ -541,7 +569,9 @@ class Device:
                 continue
             to_tun.append(plaintext if total == plen else plaintext[:total])
 
-        # Timer bookkeeping once per peer per batch.
+        # Endpoints and timer bookkeeping once per peer per batch.
+        if sources:
+            self._apply_sources(sources)
         for peer, got_data in touched.items():
             timers = peer.timers
             timers.any_authenticated_packet_traversal(now)
@@ -550,14 +580,18 @@ class Device:
                 timers.data_received(now)
             kp = peer.keypairs.current
             if (
-                not timers.sent_last_minute_handshake
-                and kp is not None
+                kp is not None
                 and kp.is_initiator
                 and now - kp.created > REKEY_ON_RECEIVE_AGE
+                and timers.last_minute_handshake(now)
             ):
-                timers.sent_last_minute_handshake = True
                 self._send_initiation(peer, now, result.to_net, is_retry=False)
         return result
+
+    def _apply_sources(self, sources: dict[Peer, Endpoint]) -> None:
+        for peer, src in sources.items():
+            self._authenticated_from(peer, src)
+        sources.clear()
 
     def _handshake_message(
         self, mtype: int, data: bytes, src: Endpoint, now: float, under_load: bool, out: list[Datagram]
@@ -602,8 +636,7 @@ class Device:
                 self.drops[Drop.BAD_INITIATION] += 1
                 return
             peer = self.peers[hs.remote_static]
-            if peer.roaming:
-                peer.endpoint = src
+            dest = self._authenticated_from(peer, src)
             peer.rx_bytes += size
             timers = peer.timers
             timers.any_authenticated_packet_traversal(now)
@@ -623,7 +656,6 @@ class Device:
             hs.last_sent_handshake = now
             timers.any_authenticated_packet_traversal(now)
             timers.any_authenticated_packet_sent(now)
-            dest = src if peer.roaming else peer.endpoint
             if dest is None:  # pinned to a path with no endpoint yet: nowhere to answer
                 self.drops[Drop.NO_ENDPOINT] += 1
                 return
@@ -642,8 +674,7 @@ class Device:
         if not consume_response(identity, data, peer.handshake):
             self.drops[Drop.BAD_RESPONSE] += 1
             return
-        if peer.roaming:
-            peer.endpoint = src
+        self._authenticated_from(peer, src)
         peer.rx_bytes += size
         timers = peer.timers
         timers.any_authenticated_packet_traversal(now)
@@ -675,35 +706,23 @@ class Device:
         """Run every timer that is due at `now`; returns the datagrams to send."""
         out: list[Datagram] = []
         for peer in list(self.peers.values()):
-            timers = peer.timers
             if peer.keepalive_requested:
                 peer.keepalive_requested = False
                 self._send_keepalive(peer, now, out)
-            for timer in timers.due(now):
-                if timer is Timer.RETRANSMIT_HANDSHAKE:
-                    if timers.handshake_attempts > MAX_TIMER_HANDSHAKES:
-                        # Give up: stop trying until new traffic asks for a session again.
-                        timers.deadlines.pop(Timer.SEND_KEEPALIVE, None)
-                        self.drops[Drop.GAVE_UP] += len(peer.staged)
-                        peer.staged.clear()
-                        timers.arm_zero_key_material_if_idle(now)
-                        self.stats["handshake attempts given up"] += 1
-                    else:
-                        timers.handshake_attempts += 1
-                        self._send_initiation(peer, now, out, is_retry=True)
-                elif timer is Timer.SEND_KEEPALIVE:
+            for action in peer.timers.due(now):
+                if action is Action.SEND_KEEPALIVE:
                     self._send_keepalive(peer, now, out)
-                    if timers.need_another_keepalive:
-                        timers.need_another_keepalive = False
-                        timers.rearm_keepalive(now)
-                elif timer is Timer.NEW_HANDSHAKE:
+                elif action is Action.SEND_INITIATION_RETRY:
+                    self._send_initiation(peer, now, out, is_retry=True)
+                elif action is Action.SEND_INITIATION:
                     self._send_initiation(peer, now, out, is_retry=False)
-                elif timer is Timer.ZERO_KEY_MATERIAL:
+                elif action is Action.GIVE_UP:
+                    self.drops[Drop.GAVE_UP] += len(peer.staged)
+                    peer.staged.clear()
+                    self.stats["handshake attempts given up"] += 1
+                elif action is Action.ZERO_KEYS:
                     self._zero_peer(peer)
                     self.drops[Drop.KEYS_ZEROED] += len(peer.staged)
                     peer.staged.clear()
                     self.stats["key material zeroed"] += 1
-                elif timer is Timer.PERSISTENT_KEEPALIVE:
-                    if timers.persistent_keepalive_interval > 0:
-                        self._send_keepalive(peer, now, out)
         return out

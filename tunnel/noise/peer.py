@@ -1,16 +1,21 @@
-"""A peer as the device sees it: keys, sessions, timers, endpoint, queue and counters."""
+"""A peer as the device sees it: keys, sessions, timers, endpoint, queue and counters.
+
+Everything here is changed by `Device` only (configuration methods, the data path, `tick`);
+for the I/O layer and `wg show` the fields are read-only.
+"""
 
 from __future__ import annotations
 
+import base64
 from collections import deque
-from typing import Callable, Hashable
+from typing import Callable
+
+from transport.base import Endpoint
 
 from .cookie import CookieGenerator
 from .handshake import Handshake, Identity
 from .session import Keypairs
 from .timers import PeerTimers
-
-Endpoint = Hashable  # what the I/O layer uses for a UDP address, e.g. ("192.0.2.1", 51820)
 
 
 class Peer:
@@ -21,7 +26,7 @@ class Peer:
         "timers",
         "cookie",
         "endpoint",
-        "roaming",
+        "pinned",
         "staged",
         "rx_bytes",
         "tx_bytes",
@@ -42,11 +47,11 @@ class Peer:
         self.keypairs = Keypairs()
         self.timers = PeerTimers(jitter)
         self.cookie = CookieGenerator(public_key)
+        # Where to send (None: unknown until the peer sends to us). Set by Device.set_endpoint;
+        # the peer roams (follows the source of its authenticated packets) unless `pinned`,
+        # the rule in Device._authenticated_from.
         self.endpoint: Endpoint | None = None
-        # Follow the peer to the source address of its authenticated packets. Off for a peer
-        # pinned to a path (a bridge): a packet arriving another way must not move our replies
-        # off that path, and replies to its handshakes go to `endpoint`, not to the source.
-        self.roaming = True
+        self.pinned = False
         # Packets waiting for a session, oldest first (bounded by the device).
         self.staged: deque[bytes] = deque()
         self.rx_bytes = 0
@@ -58,13 +63,13 @@ class Peer:
 
     @property
     def persistent_keepalive(self) -> int:
-        return self.timers.persistent_keepalive_interval
+        return self.timers.persistent_keepalive
 
     @property
     def preshared_key(self) -> bytes:
         return self.handshake.preshared_key
 
     def __repr__(self) -> str:
-        import base64
-
-        return f"<Peer {base64.b64encode(self.public_key).decode()[:8]}... endpoint={self.endpoint!r}>"
+        key = base64.b64encode(self.public_key).decode()[:8]
+        pinned = " pinned" if self.pinned else ""
+        return f"<Peer {key}... endpoint={self.endpoint!r}{pinned}>"

@@ -1,17 +1,37 @@
-"""Peer timers as deadlines: events in, `due(now)` out. No clock reads, no callbacks.
+"""Peer timers as deadlines: events in, actions out. No clock reads, no callbacks.
 
-Each rule of wireguard-go device/timers.go is a method named after the event that arms or stops a
-timer; `due(now)` returns the timers that expired, in a fixed order, and disarms them. The device
-acts on them (send an initiation, a keepalive, zero keys). Jitter comes from the caller's `jitter`
-function so tests can fix it.
+Every rule of wireguard-go device/timers.go lives here, and only here. The device reports what
+happened through event methods named after wireguard-go's (`data_sent`, `data_received`,
+`any_authenticated_packet_sent/received/traversal`, `handshake_initiated`, `handshake_complete`,
+`session_derived`, ...) and asks `due(now)` what to do; it never reads or writes the fields.
+
+    timer                 armed by                                  expiry -> Action
+    retransmit handshake  handshake_initiated: 5 s + jitter          SEND_INITIATION_RETRY, or
+                                                                     GIVE_UP past MAX_TIMER_HANDSHAKES
+    send keepalive        data_received: 10 s                        SEND_KEEPALIVE
+    new handshake         data_sent: 15 s + jitter                   SEND_INITIATION
+    zero key material     session_derived: 540 s                     ZERO_KEYS
+    persistent keepalive  any_authenticated_packet_traversal         SEND_KEEPALIVE
+
+Jitter comes from the caller's `jitter` function so tests can fix it.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Callable
+from typing import Callable, Iterator
 
-from .constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT, ZERO_KEYS_AFTER
+from .constants import KEEPALIVE_TIMEOUT, MAX_TIMER_HANDSHAKES, REKEY_TIMEOUT, ZERO_KEYS_AFTER
+
+
+class Action(enum.Enum):
+    """What the device must do for a peer when its timers expire."""
+
+    SEND_INITIATION_RETRY = "send a handshake initiation (a retry)"
+    GIVE_UP = "give up the handshake: flush the staged packets"
+    SEND_KEEPALIVE = "send a keepalive"
+    SEND_INITIATION = "send a handshake initiation (a new handshake)"
+    ZERO_KEYS = "zero the keypairs and the handshake, flush the staged packets"
 
 
 class Timer(enum.Enum):
@@ -22,80 +42,135 @@ class Timer(enum.Enum):
     PERSISTENT_KEEPALIVE = "persistent_keepalive"
 
 
-_ORDER = tuple(Timer)
+_ORDER = tuple(Timer)  # the order expired timers are acted on in one `due`
+_NEVER = float("inf")
 
 
 class PeerTimers:
     __slots__ = (
-        "deadlines",
-        "handshake_attempts",
-        "need_another_keepalive",
-        "sent_last_minute_handshake",
-        "persistent_keepalive_interval",
+        "_deadlines",
+        "_handshake_attempts",
+        "_need_another_keepalive",
+        "_sent_last_minute_handshake",
+        "_persistent_keepalive",
         "_jitter",
     )
 
     def __init__(self, jitter: Callable[[], float]) -> None:
-        self.deadlines: dict[Timer, float] = {}
-        self.handshake_attempts = 0
-        self.need_another_keepalive = False
-        self.sent_last_minute_handshake = False
-        self.persistent_keepalive_interval = 0
+        self._deadlines: dict[Timer, float] = {}
+        self._handshake_attempts = 0
+        self._need_another_keepalive = False
+        self._sent_last_minute_handshake = False
+        self._persistent_keepalive = 0
         self._jitter = jitter
 
-    def pending(self, timer: Timer) -> bool:
-        return timer in self.deadlines
+    @property
+    def persistent_keepalive(self) -> int:
+        """The persistent keepalive interval in seconds (0: off)."""
+        return self._persistent_keepalive
 
     def next_deadline(self) -> float | None:
-        return min(self.deadlines.values(), default=None)
+        """When `due` next has something to do (None: no timer armed)."""
+        return min(self._deadlines.values(), default=None)
 
-    def due(self, now: float) -> list[Timer]:
-        fired = [t for t in _ORDER if t in self.deadlines and self.deadlines[t] <= now]
+    def due(self, now: float) -> Iterator[Action]:
+        """The actions for the timers expired at `now`, in a fixed order; expired timers are
+        disarmed. Carry out each action before taking the next: a rule that follows an action
+        (re-arming the keepalive timer after the keepalive went out) runs when the next is
+        taken, as wireguard-go runs it after the send, so exhaust the iterator."""
+        deadlines = self._deadlines
+        fired = [t for t in _ORDER if deadlines.get(t, _NEVER) <= now]
         for t in fired:
-            del self.deadlines[t]
-        return fired
+            del deadlines[t]
+        for t in fired:
+            if t is Timer.RETRANSMIT_HANDSHAKE:
+                if self._handshake_attempts > MAX_TIMER_HANDSHAKES:
+                    # Give up: stop trying until new traffic asks for a session again.
+                    deadlines.pop(Timer.SEND_KEEPALIVE, None)
+                    if Timer.ZERO_KEY_MATERIAL not in deadlines:
+                        deadlines[Timer.ZERO_KEY_MATERIAL] = now + ZERO_KEYS_AFTER
+                    yield Action.GIVE_UP
+                else:
+                    self._handshake_attempts += 1
+                    yield Action.SEND_INITIATION_RETRY
+            elif t is Timer.SEND_KEEPALIVE:
+                yield Action.SEND_KEEPALIVE
+                if self._need_another_keepalive:
+                    self._need_another_keepalive = False
+                    deadlines[Timer.SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT
+            elif t is Timer.NEW_HANDSHAKE:
+                yield Action.SEND_INITIATION
+            elif t is Timer.ZERO_KEY_MATERIAL:
+                yield Action.ZERO_KEYS
+            elif self._persistent_keepalive > 0:  # Timer.PERSISTENT_KEEPALIVE
+                yield Action.SEND_KEEPALIVE
 
-    def stop_all(self) -> None:
-        self.deadlines.clear()
+    def state(self) -> tuple:
+        """Everything that decides what the timers do next, as a hashable value (for tests
+        that prove an event changed nothing, and for debugging)."""
+        return (
+            tuple(sorted((t.value, d) for t, d in self._deadlines.items())),
+            self._handshake_attempts,
+            self._need_another_keepalive,
+            self._sent_last_minute_handshake,
+            self._persistent_keepalive,
+        )
 
-    # --- events (wireguard-go names) ---
+    # --- configuration
+
+    def set_persistent_keepalive(self, seconds: int) -> None:
+        self._persistent_keepalive = seconds
+        if seconds == 0:
+            self._deadlines.pop(Timer.PERSISTENT_KEEPALIVE, None)
+
+    def stop(self) -> None:
+        """The peer is gone: disarm everything."""
+        self._deadlines.clear()
+
+    # --- events (wireguard-go names)
 
     def data_sent(self, now: float) -> None:
         """Data sent: expect something back within 15 s, else start a new handshake."""
-        if Timer.NEW_HANDSHAKE not in self.deadlines:
-            self.deadlines[Timer.NEW_HANDSHAKE] = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+        if Timer.NEW_HANDSHAKE not in self._deadlines:
+            self._deadlines[Timer.NEW_HANDSHAKE] = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
 
     def data_received(self, now: float) -> None:
         """Data received: answer with a keepalive in 10 s unless we send something first."""
-        if Timer.SEND_KEEPALIVE not in self.deadlines:
-            self.deadlines[Timer.SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT
+        if Timer.SEND_KEEPALIVE not in self._deadlines:
+            self._deadlines[Timer.SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT
         else:
-            self.need_another_keepalive = True
+            self._need_another_keepalive = True
 
     def any_authenticated_packet_sent(self, now: float) -> None:
-        self.deadlines.pop(Timer.SEND_KEEPALIVE, None)
+        self._deadlines.pop(Timer.SEND_KEEPALIVE, None)
 
     def any_authenticated_packet_received(self, now: float) -> None:
-        self.deadlines.pop(Timer.NEW_HANDSHAKE, None)
+        self._deadlines.pop(Timer.NEW_HANDSHAKE, None)
 
     def any_authenticated_packet_traversal(self, now: float) -> None:
-        if self.persistent_keepalive_interval > 0:
-            self.deadlines[Timer.PERSISTENT_KEEPALIVE] = now + self.persistent_keepalive_interval
+        if self._persistent_keepalive > 0:
+            self._deadlines[Timer.PERSISTENT_KEEPALIVE] = now + self._persistent_keepalive
+
+    def handshake_requested(self, now: float) -> None:
+        """A new handshake is wanted (not a retry): the retries count from zero again
+        (wireguard-go: SendHandshakeInitiation(isRetry=false))."""
+        self._handshake_attempts = 0
 
     def handshake_initiated(self, now: float) -> None:
-        self.deadlines[Timer.RETRANSMIT_HANDSHAKE] = now + REKEY_TIMEOUT + self._jitter()
+        self._deadlines[Timer.RETRANSMIT_HANDSHAKE] = now + REKEY_TIMEOUT + self._jitter()
 
     def handshake_complete(self, now: float) -> None:
-        self.deadlines.pop(Timer.RETRANSMIT_HANDSHAKE, None)
-        self.handshake_attempts = 0
-        self.sent_last_minute_handshake = False
+        self._deadlines.pop(Timer.RETRANSMIT_HANDSHAKE, None)
+        self._handshake_attempts = 0
+        self._sent_last_minute_handshake = False
 
     def session_derived(self, now: float) -> None:
-        self.deadlines[Timer.ZERO_KEY_MATERIAL] = now + ZERO_KEYS_AFTER
+        self._deadlines[Timer.ZERO_KEY_MATERIAL] = now + ZERO_KEYS_AFTER
 
-    def rearm_keepalive(self, now: float) -> None:
-        self.deadlines[Timer.SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT
-
-    def arm_zero_key_material_if_idle(self, now: float) -> None:
-        if Timer.ZERO_KEY_MATERIAL not in self.deadlines:
-            self.deadlines[Timer.ZERO_KEY_MATERIAL] = now + ZERO_KEYS_AFTER
+    def last_minute_handshake(self, now: float) -> bool:
+        """Data arrived under our own keypair close to REJECT_AFTER_TIME: True (send an
+        initiation) the first time, then False until a handshake completes."""
+        if self._sent_last_minute_handshake:
+            return False
+        self._sent_last_minute_handshake = True
+        return True

@@ -1,0 +1,213 @@
+"""Plain UDP: the interface's port, one IPv4 and one IPv6 (v6only) socket on the same port.
+The only place that makes the tunnel's UDP syscalls; batch-shaped and non-blocking.
+
+Received sources become `Endpoint(host, port, UDP)` with IPv6 in compressed form and IPv4-mapped
+IPv6 as IPv4, so the same peer always has an equal endpoint (it is hashed by the core and bound
+into cookies). Each socket address is parsed once and cached (bounded: sources are chosen by
+whoever sends to us): parsing an address per datagram costs more than the rest of the receive.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+
+import trio
+
+from .base import UDP, Datagram, Endpoint, ReceiveFunc, Transport
+
+SO_MARK = 36
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+RECV_SIZE = 65535
+BATCH = 128  # datagrams read per wakeup
+ENDPOINT_CACHE = 4096
+# Like wireguard-go: deep socket buffers absorb bursts while the single-threaded engine is busy
+# with a batch; the FORCE variants (root) pass net.core.rmem_max.
+SOCKET_BUFFER = 7 << 20
+
+
+def endpoint_of(addr: tuple, via: int = UDP) -> Endpoint:
+    """A socket address (v4 2-tuple or v6 4-tuple) as an Endpoint; v4-mapped v6 becomes v4."""
+    host, port = addr[0], addr[1]
+    if ":" in host:
+        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+        if ip.ipv4_mapped is not None:
+            return Endpoint(str(ip.ipv4_mapped), port, via)
+        return Endpoint(ip.compressed, port, via)
+    return Endpoint(host, port, via)
+
+
+class UdpTransport(Transport):
+    kind = "udp"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.v4: socket.socket | None = None
+        self.v6: socket.socket | None = None
+        self.port = 0
+        self._buf = bytearray(RECV_SIZE)
+        self._endpoints: dict[tuple, Endpoint] = {}
+        self._blocked: socket.socket | None = None  # the socket whose buffer was full
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [s for s in (self.v4, self.v6) if s is not None]
+
+    def bind(self, port: int) -> None:
+        """(Re)bind both sockets to `port` (0: a random port, the same for both families).
+        On failure the old sockets stay as they were; raises OSError (e.g. EADDRINUSE). The
+        old receive functions end (ClosedResourceError); call `receivers()` again."""
+        v4, v6, bound = self._open_pair(port)
+        self.close()
+        self.v4, self.v6, self.port = v4, v6, bound
+        if self.fwmark:
+            self._apply_mark(self.fwmark)
+
+    def _open_pair(self, port: int) -> tuple[socket.socket | None, socket.socket | None, int]:
+        attempts = 10 if port == 0 else 1
+        last_exc: OSError | None = None
+        for _ in range(attempts):
+            v4 = v6 = None
+            try:
+                v4 = self._open(socket.AF_INET, port)
+                bound = v4.getsockname()[1] if v4 is not None else port
+                v6 = self._open(socket.AF_INET6, bound)
+                if v6 is not None and v4 is None:
+                    bound = v6.getsockname()[1]
+                if v4 is None and v6 is None:
+                    raise OSError(errno.EAFNOSUPPORT, "no IPv4 or IPv6 UDP available")
+                return v4, v6, bound
+            except OSError as exc:
+                for s in (v4, v6):
+                    if s is not None:
+                        s.close()
+                last_exc = exc
+                if exc.errno != errno.EADDRINUSE:
+                    break
+        assert last_exc is not None
+        raise last_exc
+
+    @staticmethod
+    def _open(family: int, port: int) -> socket.socket | None:
+        try:
+            s = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+                return None  # this host has no such family
+            raise
+        for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+            try:
+                s.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+        try:
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(("::", port))
+            else:
+                s.bind(("0.0.0.0", port))
+        except OSError as exc:
+            s.close()
+            if family == socket.AF_INET6 and exc.errno == errno.EADDRNOTAVAIL:
+                return None  # IPv6 disabled on this host
+            raise
+        return s
+
+    def set_fwmark(self, mark: int) -> None:
+        self._apply_mark(mark)
+        self.fwmark = mark
+
+    def _apply_mark(self, mark: int) -> None:
+        for s in self.sockets:
+            s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+    # ---- receiving
+
+    def receivers(self) -> list[ReceiveFunc]:
+        return [self._receiver(s) for s in self.sockets]
+
+    def _receiver(self, sock: socket.socket) -> ReceiveFunc:
+        async def receive() -> list[Datagram]:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                batch = self.recv_batch(sock, BATCH)
+                if batch:
+                    return batch
+
+        return receive
+
+    def recv_batch(self, sock: socket.socket, limit: int) -> list[Datagram]:
+        """Up to `limit` datagrams ready now on `sock` (possibly none)."""
+        out: list[Datagram] = []
+        buf = self._buf
+        view = memoryview(buf)
+        recv = sock.recvfrom_into
+        cache = self._endpoints
+        for _ in range(limit):
+            try:
+                n, addr = recv(buf)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EBADF:  # closed by a rebind: this receiver is done
+                    raise trio.ClosedResourceError from None
+                # ICMP errors surface here (ECONNREFUSED...); they say nothing we act on.
+                continue
+            ep = cache.get(addr)
+            if ep is None:
+                if len(cache) >= ENDPOINT_CACHE:
+                    cache.clear()
+                ep = cache[addr] = endpoint_of(addr)
+            out.append((bytes(view[:n]), ep))
+        self.received += len(out)
+        return out
+
+    # ---- sending
+
+    def send(self, datagrams: list[Datagram]) -> list[Datagram]:
+        v4, v6 = self.v4, self.v6
+        drops = self.drops
+        sent = 0
+        last = sock = addr = None
+        for i, (data, endpoint) in enumerate(datagrams):
+            if endpoint is not last:  # runs of datagrams to one endpoint share the lookup
+                last = endpoint
+                host = endpoint[0]
+                sock = v6 if ":" in host else v4
+                addr = (host, endpoint[1])
+            if sock is None:
+                drops.add("no socket for endpoint family")
+                continue
+            try:
+                sock.sendto(data, addr)
+            except BlockingIOError:
+                self.sent += sent
+                self._blocked = sock
+                return datagrams[i:]
+            except OSError as exc:
+                # Unreachable networks, EPERM from a firewall, EMSGSIZE: count, never stop.
+                drops.add(f"udp send: {errno.errorcode.get(exc.errno, exc.errno)}")
+                continue
+            sent += 1
+        self.sent += sent
+        return []
+
+    async def wait_writable(self) -> None:
+        sock, self._blocked = self._blocked, None
+        if sock is None or sock.fileno() < 0:
+            return
+        try:
+            await trio.lowlevel.wait_writable(sock)
+        except trio.ClosedResourceError:
+            pass
+
+    def close(self) -> None:
+        for s in self.sockets:
+            try:
+                trio.lowlevel.notify_closing(s)  # wake its receiver, which then ends
+            except RuntimeError:
+                pass  # not inside trio: nobody waits on it
+            s.close()
+        self.v4 = self.v6 = None
