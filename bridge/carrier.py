@@ -59,11 +59,15 @@ class BridgeTransport(Transport):
         self.ident = ident
         self.fwmark = fwmark
 
-    def endpoint(self, target: tuple[str, int] | None) -> Endpoint:
-        """The endpoint the device uses for a peer at `target` (the server's view) through us;
-        None: the server itself (udp2tcp, whose server has a fixed target)."""
-        host, port = target[0:2] if target is not None else self.spec.server
-        return Endpoint(host, port, self.ident)
+    def endpoint(self, target: tuple[str, int] | None) -> Endpoint | None:
+        """The endpoint the device uses for a peer at `target` (its WireGuard endpoint as the
+        server sees it) through us. Without a target: None for Shadowsocks, which must name
+        one in every packet; the server itself for udp2tcp, whose server has a fixed target."""
+        if target is None:
+            if self.kind != "udp2tcp":
+                return None
+            target = self.spec.server
+        return Endpoint(target[0], target[1], self.ident)
 
     def statistics(self) -> dict:
         return {**super().statistics(), "bridge": self.spec.redacted()}

@@ -133,9 +133,7 @@ class Engine:
         transport = self._open_bridge(bridge, ident, self.udp.fwmark)
         self.bridges[peer.public_key] = _Bridge(transport, peer, placeholder_endpoint=target is None)
         self.transports[ident] = transport
-        # Shadowsocks needs a target; udp2tcp's server has its own, so any endpoint will do.
-        endpoint = transport.endpoint(target) if target is not None or bridge.kind == "udp2tcp" else None
-        self.device.set_endpoint(peer, endpoint, pinned=True)
+        self.device.set_endpoint(peer, transport.endpoint(target), pinned=True)
         log.info("%s: a peer now goes through bridge %s", self.ifname, bridge.redacted())
         self._serve(transport)
 
