@@ -56,6 +56,25 @@ class Figure:
     direction: str
     mbps: float
     retransmits: int
+    # CPU seconds the two tunnel daemons (and bridge processes) spent per GB moved: steadier than
+    # throughput on a small machine, where iperf3 and both daemons compete for the same cores.
+    cpu_s_per_gb: float | None = None
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes (all their threads), from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / _TICK
 
 
 def _run(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -67,6 +86,7 @@ class Lab:
         self.tag = secrets.token_hex(3)
         self.ns = [f"wgpyb-{self.tag}-a", f"wgpyb-{self.tag}-b"]
         self.procs: list[subprocess.Popen] = []
+        self.tunnel_pids: list[int] = []  # daemons and bridge processes: what moving data costs
         self.sockets: list[str] = []
         self.tmp = tempfile.mkdtemp(prefix="wgpy-bench-")
 
@@ -107,6 +127,7 @@ class Lab:
         p = subprocess.Popen(self.exec(side, *IMPLS[impl], ifname), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env=_env(impl), cwd=_checkouts.get(impl))
         self.procs.append(p)
+        self.tunnel_pids.append(p.pid)  # `ip netns exec` execs the daemon (-f: no fork)
         sock = f"/var/run/wireguard/{ifname}.sock"
         self.sockets.append(sock)
         deadline = time.monotonic() + 10
@@ -170,6 +191,7 @@ def _start_bridge(lab: "Lab", bridge: str, impl: str = "wgpy") -> str:
     for side, argv, port in procs:
         lab.procs.append(subprocess.Popen(lab.exec(side, *argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                           env=_env(impl), cwd=_checkouts.get(impl)))
+        lab.tunnel_pids.append(lab.procs[-1].pid)
         deadline = time.monotonic() + 10
         while f":{port} " not in _run(*lab.exec(side, "ss", "-Hlun"), check=False).stdout:
             if time.monotonic() > deadline:
@@ -211,8 +233,12 @@ def measure_pair(left: str, right: str, seconds: int, bridge: str | None = None)
                            env=_env(left), cwd=_checkouts.get(left))
         _run(*lab.exec(0, "ping", "-c", "1", "-W", "5", "10.232.0.2"))
         for reverse in (False, True):
+            cpu = cpu_seconds(lab.tunnel_pids)
             mbps, retr = lab.iperf(1, 0, "10.232.0.2", seconds, reverse)
-            figures.append(Figure(label, "a<-b" if reverse else "a->b", mbps, retr))
+            cpu = cpu_seconds(lab.tunnel_pids) - cpu
+            gb = mbps * seconds / 8 / 1000
+            figures.append(Figure(label, "a<-b" if reverse else "a->b", mbps, retr,
+                                  round(cpu / gb, 2) if gb > 0 else None))
     return figures
 
 
@@ -231,11 +257,17 @@ def run(pairs: list[tuple], seconds: int) -> list[Figure]:
 
 
 def format_table(figures: list[Figure], seconds: int, reference: str = "wireguard-go <-> wireguard-go") -> str:
-    ref = {f.direction: f.mbps for f in figures if f.pair == reference}
+    ref: dict[str, float] = {}
+    for f in figures:  # the first round's reference, for rows measured before it (veth)
+        if f.pair == reference:
+            ref.setdefault(f.direction, f.mbps)
     lines = [f"wgpy bench tunnel: iperf3 TCP, {seconds} s per direction, two namespaces over veth "
              f"(MTU 1420; {BRIDGE_MTU} through a Shadowsocks {BRIDGE_METHOD} bridge)",
-             f"{'pair':<62} {'dir':<5} {'Mbit/s':>9} {'retrans':>8} {'vs ' + reference:>10}"]
+             f"{'pair':<62} {'dir':<5} {'Mbit/s':>9} {'retrans':>8} {'CPU s/GB':>9} {'vs ' + reference:>10}"]
     for f in figures:
+        if f.pair == reference:
+            ref[f.direction] = f.mbps  # with --rounds: each round against its own reference
         ratio = f"{f.mbps / ref[f.direction]:.2f}" if f.direction in ref else "-"
-        lines.append(f"{f.pair:<62} {f.direction:<5} {f.mbps:>9.1f} {f.retransmits:>8} {ratio:>10}")
+        cpu = f"{f.cpu_s_per_gb:.2f}" if f.cpu_s_per_gb is not None else "-"
+        lines.append(f"{f.pair:<62} {f.direction:<5} {f.mbps:>9.1f} {f.retransmits:>8} {cpu:>9} {ratio:>10}")
     return "\n".join(lines)

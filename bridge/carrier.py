@@ -103,7 +103,7 @@ class ShadowsocksTransport(BridgeTransport):
     def connected(self) -> bool:
         return self._sock is not None
 
-    # ---- the sans-IO halves (also used by bridge.ss_local)
+    # ---- the sans-IO halves
 
     def seal(self, datagram: bytes | memoryview, target: tuple[str, int], now: float) -> bytes:
         """Raises ShadowsocksError (a 2022 session out of packet ids, a bad clock)."""

@@ -13,7 +13,7 @@ words. The deliberate differences, each kept because the other side's tool does 
                     resolves it; wgpy up resolves it first)  the daemon never resolves)
     endpoint port   1..65535                                 0..65535
     endpoint text   kept as written (`[FD00::1]:1`)           canonical; an IPv4-mapped address
-                                                             becomes plain IPv4, as tunnel.udp
+                                                             becomes plain IPv4, as transport.udp
                                                              reports sources
     prefix          `addr[/bits]`: without bits the host     `addr/bits`: bits required, no sign,
                     (/32, /128); bits may have leading       no leading zero (netip.ParsePrefix)
@@ -191,7 +191,7 @@ def config_endpoint(text: str) -> tuple[str, int]:
 
 def uapi_endpoint(text: str) -> tuple[str, int]:
     """Go's netip.ParseAddrPort: `a.b.c.d:port` or `[v6%zone]:port`, numeric only, port 0..65535.
-    Returns (ip, port) with the address in its canonical text, in the form tunnel.udp gives
+    Returns (ip, port) with the address in its canonical text, in the form transport.udp gives
     received addresses: an IPv4-mapped IPv6 address becomes plain IPv4 (so it is sent from the
     IPv4 socket), a zone is kept."""
     try:

@@ -36,7 +36,7 @@ Deliberate differences from wireguard-go (device/uapi.go):
   placed before `update_only` would still have taken that prefix from another peer;
 - lines are limited to 4096 bytes, not counting "\\r\\n" (wireguard-go: 64 KiB, then EIO);
 - an IPv6 zone in an endpoint is limited to interface-name characters, and an IPv4-mapped
-  endpoint is stored (and reported) as plain IPv4, the form tunnel.udp uses.
+  endpoint is stored (and reported) as plain IPv4, the form transport.udp uses.
 Peers are reported in the order they were added (wireguard-go: Go map order, i.e. random), and
 a peer's prefixes IPv4 first, longest first (wireguard-go: the order they were added).
 
@@ -52,7 +52,7 @@ connection on an unknown operation, so a client learns at once that they are not
                                  ss://... or udp2tcp://IP:PORT, numeric hosts only, as `endpoint=`);
                                  an empty value removes it. The peer's `endpoint` is then the
                                  WireGuard endpoint as the bridge server sees it, and it no longer
-                                 roams (see Peer.roaming).
+                                 roams (see Peer.pinned).
     operation `get=wgpy`         `get=1`'s reply plus, per peer, `InterfaceSettings.extension_lines`
                                  (the bridge, its counters). `get=1` stays exactly wireguard-go's
                                  format, so `wg` and other UAPI clients never see an extension.
