@@ -4,8 +4,10 @@ Tasks (one trio thread; the core is called synchronously, so it needs no locks):
 
     tun reader      TUN --batch--> Device.outbound --> transports
     receivers       one per receive function of each transport (transport/base.py): the UDP
-                    port (IPv4, IPv6), each bridged peer's Shadowsocks or udp-over-tcp transport;
-                    all the same loop: batch --> Device.inbound --> TUN write, transports
+                    port (IPv4, IPv6), each bridged peer's Shadowsocks or udp-over-tcp transport,
+                    each nested (multihop) peer's transport; all the same loop:
+                    batch --> Device.inbound --> TUN write (nested hops' datagrams picked out
+                    for their transport), transports
     timers          sleep until Device.next_deadline() (or a config change) --> Device.tick --> transports
     uapi server     /var/run/wireguard/IFNAME.sock: get/set through tunnel.uapi
     link watcher    rtnetlink: exit when the link is deleted, follow MTU changes
@@ -19,6 +21,7 @@ and the UDP transport are arguments, so tests run the whole engine on transport.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -31,6 +34,7 @@ from typing import Callable
 import trio
 
 from bridge.carrier import BridgeTransport, open_bridge
+from bridge.multihop import NestedTransport, Reassembler, parse_udp_untrusted
 from bridge.spec import BridgeSpec
 from transport.base import UDP, Datagram, Endpoint, ReceiveFunc, Transport
 from transport.udp import UdpTransport
@@ -56,7 +60,8 @@ class Engine:
 
     def __init__(self, ifname: str, *, socket_dir: str = SOCKET_DIR, mtu: int = 1420, tun=None,
                  udp: Transport | None = None,
-                 open_bridge: Callable[[BridgeSpec, int, int], BridgeTransport] = open_bridge) -> None:
+                 open_bridge: Callable[[BridgeSpec, int, int], BridgeTransport] = open_bridge,
+                 addresses: tuple[str, ...] = ()) -> None:
         self.ifname = ifname
         self.socket_dir = socket_dir
         self.socket_path = os.path.join(socket_dir, f"{ifname}.sock")
@@ -78,6 +83,15 @@ class Engine:
         self._socket_ino: tuple[int, int] | None = None
         self._uapi_clients = 0
         self.bridges: dict[bytes, _Bridge] = {}  # bridged peers by public key
+        # Multihop: explicit Via by public key; the transport of each nested peer; what picks
+        # their datagrams out of the packets the entry delivers.
+        self._via: dict[bytes, bytes] = {}
+        self.nested: dict[bytes, NestedTransport] = {}
+        self._nested_by_source: dict[tuple[str, int], NestedTransport] = {}
+        self._nested_hosts: frozenset[bytes] = frozenset()
+        self._reassembler = Reassembler()
+        # The tunnel's own addresses (inner source of nested datagrams), from rtnetlink or given.
+        self.addresses: set[str] = {str(ipaddress.ip_address(a)) for a in addresses}
         self._next_ident = UDP + 1
         self.exit_reason = ""
         self.stopped = trio.Event()
@@ -109,11 +123,22 @@ class Engine:
 
     def set_endpoint(self, peer, endpoint: tuple[str, int]) -> None:
         bridged = self._bridge_of(peer)
+        nested = self.nested.get(peer.public_key)
         if bridged is not None:
             bridged.placeholder_endpoint = False
             self.device.set_endpoint(peer, bridged.transport.endpoint(endpoint), pinned=True)
+        elif nested is not None:  # after the set, nesting is decided again for the new address
+            self.device.set_endpoint(peer, Endpoint(endpoint[0], endpoint[1], nested.ident), pinned=True)
         else:
             self.device.set_endpoint(peer, Endpoint(endpoint[0], endpoint[1], UDP))
+
+    def set_via(self, peer, entry: bytes | None) -> None:
+        """Reach `peer` through the peer whose public key is `entry` (None: as the addresses say).
+        Applied after the whole request (`after_set`): the entry may come later in it."""
+        if entry is None:
+            self._via.pop(peer.public_key, None)
+        else:
+            self._via[peer.public_key] = entry
 
     def set_bridge(self, peer, bridge: BridgeSpec | None) -> None:
         old = self.bridges.get(peer.public_key)
@@ -138,13 +163,20 @@ class Engine:
         self._serve(transport)
 
     def extension_lines(self, peer) -> list[str]:
+        lines = []
+        via = self._via.get(peer.public_key)
+        if via is not None:
+            lines.append(f"wgpy_via={via.hex()}")
+        nested = self.nested.get(peer.public_key)
+        if nested is not None:
+            lines.append(f"wgpy_entry={nested.entry.hex()}")
         bridged = self._bridge_of(peer)
-        if bridged is None:
-            return []
-        st = bridged.transport.statistics()
-        return [f"wgpy_bridge={st['bridge']}", f"wgpy_bridge_connected={int(st['connected'])}",
-                f"wgpy_bridge_tx_packets={st['sent']}", f"wgpy_bridge_rx_packets={st['received']}",
-                f"wgpy_bridge_dropped={st['dropped']}"]
+        if bridged is not None:
+            st = bridged.transport.statistics()
+            lines += [f"wgpy_bridge={st['bridge']}", f"wgpy_bridge_connected={int(st['connected'])}",
+                      f"wgpy_bridge_tx_packets={st['sent']}", f"wgpy_bridge_rx_packets={st['received']}",
+                      f"wgpy_bridge_dropped={st['dropped']}"]
+        return lines
 
     def _bridge_of(self, peer) -> _Bridge | None:
         bridged = self.bridges.get(peer.public_key)
@@ -158,6 +190,11 @@ class Engine:
         del self.transports[transport.ident]
         transport.close()
 
+    def after_set(self) -> None:
+        """After a UAPI set: stop what removed peers leave behind, decide nesting again."""
+        self.forget_removed_peers()
+        self._plan_nesting()
+
     def forget_removed_peers(self) -> None:
         """After a set request: stop the transports of peers that were removed (or removed and
         added again without their bridge)."""
@@ -166,6 +203,130 @@ class Engine:
                 log.info("%s: bridge %s stopped: its peer is gone", self.ifname,
                          bridged.transport.spec.redacted())
                 self._stop_bridge(pk)
+
+    # ------------------------------------------------------------ multihop
+
+    def _plan_nesting(self) -> None:
+        """Decide which peers travel inside which (bridge/multihop.py): an explicit Via, else a
+        peer whose endpoint lies in another peer's allowed IPs (/0 ignored). A nested peer's
+        endpoint names its NestedTransport and is pinned, so nothing of it can leave around the
+        entry; a Via that names no peer yet keeps it there with nothing sent."""
+        device = self.device
+        peers = device.peers
+        for pk in [pk for pk in self._via if pk not in peers]:
+            del self._via[pk]
+        plan: dict[bytes, bytes] = {}
+        for pk, peer in peers.items():
+            if pk in self.bridges:
+                continue  # a bridge is a first hop
+            entry = self._via.get(pk)
+            if entry is None and peer.endpoint is not None:
+                try:
+                    packed = ipaddress.ip_address(peer.endpoint[0]).packed
+                except ValueError:
+                    continue
+                match = device.allowed_ips.lookup_specific(packed)
+                entry = match.public_key if match is not None and match is not peer else None
+            if entry is not None:
+                plan[pk] = entry
+        cyclic = set()  # a cycle of Vias cannot carry anything: its peers send nothing
+        for pk in plan:
+            hop, seen = pk, []
+            while hop in plan and hop not in seen:
+                seen.append(hop)
+                hop = plan[hop]
+            if hop == pk:
+                cyclic.add(pk)
+        if cyclic:
+            log.error("%s: Via forms a cycle; %d peers are not reachable", self.ifname, len(cyclic))
+        for pk, transport in list(self.nested.items()):
+            if plan.get(pk) != transport.entry:
+                self._stop_nested(pk)
+                peer = peers.get(pk)
+                if peer is not None and pk not in self.bridges:
+                    ep = peer.endpoint
+                    device.set_endpoint(peer, None if ep is None else Endpoint(ep[0], ep[1], UDP))
+        for pk, entry in plan.items():
+            transport = self.nested.get(pk)
+            if transport is None:
+                transport = NestedTransport(self._next_ident, entry, seal=self._seal_for,
+                                            route=self.transports.get, source=self._inner_source)
+                self._next_ident += 1
+                self.nested[pk] = transport
+                self.transports[transport.ident] = transport
+                self._serve(transport)
+                log.info("%s: a peer is now reached through another (multihop)", self.ifname)
+            transport.blocked = pk in cyclic
+            peer, ep = peers[pk], peers[pk].endpoint
+            endpoint = None if ep is None else Endpoint(ep[0], ep[1], transport.ident)
+            device.set_endpoint(peer, endpoint, pinned=True)
+        carried: dict[bytes, set[bytes]] = {}
+        by_source: dict[tuple[str, int], NestedTransport] = {}
+        for pk, transport in self.nested.items():
+            ep = peers[pk].endpoint
+            if ep is not None:
+                by_source[(ep[0], ep[1])] = transport
+                carried.setdefault(transport.entry, set()).add(ipaddress.ip_address(ep[0]).packed)
+        for pk, peer in peers.items():
+            if peer.carries or pk in carried:
+                device.set_carries(peer, carried.get(pk, ()))
+        self._nested_by_source = by_source
+        self._nested_hosts = frozenset(h for hosts in carried.values() for h in hosts)
+
+    def _stop_nested(self, public_key: bytes) -> None:
+        transport = self.nested.pop(public_key)
+        scope = self._scopes.pop(transport.ident, None)
+        if scope is not None:
+            scope.cancel()
+        del self.transports[transport.ident]
+        transport.close()
+
+    def _seal_for(self, entry: bytes, packets: list[bytes]) -> list[Datagram]:
+        """A nested peer's datagrams, wrapped, sealed for its entry peer."""
+        peer = self.device.peers.get(entry)
+        if peer is None:
+            self.io_drops["multihop: entry peer missing"] += len(packets)
+            return []
+        out = self.device.outbound_to(peer, packets, trio.current_time())
+        self._reschedule_timers()
+        return out
+
+    def _inner_source(self, version: int) -> tuple[str, int] | None:
+        """Our tunnel address of that IP version (not link-local) and the port nested datagrams
+        come from: the listen port, so a relay sees one flow per interface."""
+        for address in sorted(self.addresses):
+            ip = ipaddress.ip_address(address)
+            if ip.version == version and not ip.is_link_local:
+                return (address, self.udp.port)
+        return None
+
+    def _divert(self, packets: list[bytes], now: float) -> list[bytes]:
+        """Pick the nested peers' datagrams out of what the core would write to the TUN: UDP from
+        a nested peer's endpoint to our address and port (IPv4 fragments reassembled first)."""
+        keep = []
+        hosts = self._nested_hosts
+        for pkt in packets:
+            version = pkt[0] >> 4
+            if version == 4 and len(pkt) >= 20 and pkt[9] == 17 and pkt[12:16] in hosts:
+                if pkt[6] & 0x3F or pkt[7]:  # a fragment
+                    whole = self._reassembler.feed_untrusted(pkt, now)
+                    if whole is None:
+                        continue
+                    pkt = whole
+            elif not (version == 6 and len(pkt) >= 48 and pkt[6] == 17 and pkt[8:24] in hosts):
+                keep.append(pkt)
+                continue
+            parsed = parse_udp_untrusted(pkt)
+            if parsed is None:
+                keep.append(pkt)
+                continue
+            source, dest, payload = parsed
+            transport = self._nested_by_source.get(source)
+            if transport is None or dest[1] != self.udp.port or dest[0] not in self.addresses:
+                keep.append(pkt)
+                continue
+            transport.arrive(payload, source)
+        return keep
 
     # ------------------------------------------------------------ lifecycle
 
@@ -201,6 +362,8 @@ class Engine:
             self._nursery.cancel_scope.cancel()
 
     def close(self) -> None:
+        for pk in list(self.nested):
+            self._stop_nested(pk)
         for pk in list(self.bridges):
             self._stop_bridge(pk)
         self.udp.close()
@@ -250,10 +413,14 @@ class Engine:
     def _inbound(self, batch: list[Datagram]) -> list[Datagram]:
         """One batch of received datagrams through the core: packets to the TUN, and what the
         core answers (returned, for the caller to send)."""
-        result = self.device.inbound(batch, trio.current_time())
+        now = trio.current_time()
+        result = self.device.inbound(batch, now)
         self._reschedule_timers()
-        if result.to_tun:
-            self.tun.write_batch(result.to_tun)
+        to_tun = result.to_tun
+        if to_tun and self._nested_hosts:
+            to_tun = self._divert(to_tun, now)
+        if to_tun:
+            self.tun.write_batch(to_tun)
         return result.to_net
 
     async def _send(self, datagrams: list[Datagram]) -> None:
@@ -400,7 +567,7 @@ class Engine:
                     for request in requests:
                         reply = uapi.handle(request, self.device, self, on_error=self._uapi_refused)
                         if request[0] == "set":
-                            self.forget_removed_peers()
+                            self.after_set()
                             self.wake_timers()
                         await conn.send(reply.encode())
                     if error is not None:
@@ -430,6 +597,10 @@ class Engine:
             if not os.path.exists(f"/sys/class/net/{self.ifname}"):
                 self.stop("interface deleted")
                 return
+            try:
+                netlink.request_addresses(mon)  # what is there already; changes follow as events
+            except OSError as exc:
+                log.warning("%s: cannot list the interface's addresses: %s", self.ifname, exc.strerror)
             while True:
                 await trio.lowlevel.wait_readable(mon)
                 while True:
@@ -443,6 +614,9 @@ class Engine:
                                 self.stop("interface deleted")
                             continue
                         raise
+                    for addr in netlink.parse_address_events(data):
+                        if addr.ifindex == self.ifindex:
+                            (self.addresses.discard if addr.deleted else self.addresses.add)(addr.address)
                     for ev in netlink.parse_link_events(data):
                         if ev.ifindex != self.ifindex:
                             continue

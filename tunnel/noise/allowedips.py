@@ -41,10 +41,12 @@ class _Family(Generic[T]):
             self.lengths = sorted(self.tables, reverse=True)
         return value
 
-    def lookup(self, addr: int) -> T | None:
+    def lookup(self, addr: int, shortest: int = 0) -> T | None:
         bits = self.bits
         tables = self.tables
         for plen in self.lengths:
+            if plen < shortest:
+                break
             value = tables[plen].get(addr >> (bits - plen))
             if value is not None:
                 return value
@@ -87,6 +89,15 @@ class AllowedIPs(Generic[T]):
         if table is None:
             return None
         return table.get(int(network.network_address) >> (fam.bits - network.prefixlen))
+
+    def lookup_specific(self, addr: bytes) -> T | None:
+        """Longest-prefix match ignoring /0 entries (a default route says nothing about where a
+        particular address is): multihop's nesting rule (bridge.multihop.entry_for)."""
+        if len(addr) == 4:
+            return self._v4.lookup(int.from_bytes(addr, "big"), 1)
+        if len(addr) == 16:
+            return self._v6.lookup(int.from_bytes(addr, "big"), 1)
+        return None
 
     def lookup(self, addr: bytes) -> T | None:
         """Longest-prefix match of a packed 4- or 16-byte address."""

@@ -217,6 +217,12 @@ class Device:
         self._zero_peer(peer)
         peer.timers.stop()
 
+    def set_carries(self, peer: Peer, addresses: Iterable[bytes]) -> None:
+        """Packed IP addresses of the nested hops reached through `peer` (multihop: the exit
+        relay's endpoint, whose datagrams come back inside this peer's tunnel). Packets from them
+        are accepted from `peer` even outside its allowed IPs; nothing else changes."""
+        peer.carries = frozenset(addresses)
+
     def set_endpoint(self, peer: Peer, endpoint: Endpoint | None, *, pinned: bool = False) -> None:
         """Where `peer` is (None: unknown until it sends to us). Unpinned, the peer roams: it moves
         to the source of each authenticated packet from it. `pinned` keeps it at `endpoint`
@@ -444,13 +450,29 @@ class Device:
             else:
                 group.append(pkt)
         for peer, group in by_peer.items():
-            kp = peer.keypairs.current
-            if not peer.staged and kp is not None and kp.can_send(now, len(group)):
-                self._seal(peer, kp, group, now, out)
-            else:
-                self._stage(peer, group)
-                self._send_staged(peer, now, out)
+            self._send_packets(peer, group, now, out)
         return out
+
+    def outbound_to(self, peer: Peer, packets: list[bytes], now: float) -> list[Datagram]:
+        """IP packets for `peer` whatever their destination (a nested hop's datagrams, wrapped
+        in IP/UDP, travel inside the entry peer): sealed, or staged while a handshake runs."""
+        out: list[Datagram] = []
+        if self.identity is None:
+            self.drops[Drop.NO_KEY] += len(packets)
+            return out
+        if self.peers.get(peer.public_key) is not peer:
+            self.drops[Drop.NO_ROUTE] += len(packets)  # removed meanwhile
+            return out
+        self._send_packets(peer, packets, now, out)
+        return out
+
+    def _send_packets(self, peer: Peer, packets: list[bytes], now: float, out: list[Datagram]) -> None:
+        kp = peer.keypairs.current
+        if not peer.staged and kp is not None and kp.can_send(now, len(packets)):
+            self._seal(peer, kp, packets, now, out)
+        else:
+            self._stage(peer, packets)
+            self._send_staged(peer, now, out)
 
     # ------------------------------------------------------------------ receiving
 
@@ -564,7 +586,7 @@ class Device:
             allowed = routes.get(src_addr, False)
             if allowed is False:
                 allowed = routes[src_addr] = self.allowed_ips.lookup(src_addr)
-            if allowed is not peer:
+            if allowed is not peer and src_addr not in peer.carries:
                 self.drops[Drop.SOURCE_NOT_ALLOWED] += 1
                 continue
             to_tun.append(plaintext if total == plen else plaintext[:total])

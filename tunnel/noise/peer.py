@@ -27,6 +27,7 @@ class Peer:
         "cookie",
         "endpoint",
         "pinned",
+        "carries",
         "staged",
         "rx_bytes",
         "tx_bytes",
@@ -52,6 +53,8 @@ class Peer:
         # the rule in Device._authenticated_from.
         self.endpoint: Endpoint | None = None
         self.pinned = False
+        # Packed addresses of nested hops reached through this peer (Device.set_carries).
+        self.carries: frozenset[bytes] = frozenset()
         # Packets waiting for a session, oldest first (bounded by the device).
         self.staged: deque[bytes] = deque()
         self.rx_bytes = 0
