@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seconds", type=_positive, default=5, help="iperf3 time per direction (default 5)")
     t.add_argument("--bridge", action="store_true",
                    help="instead: through Shadowsocks, wireguard-go+ss-tunnel+ss-server vs wgpy's own bridge")
+    t.add_argument("--multihop", action="store_true",
+                   help="instead: through two wireguard-go relays, wgpy's nested multihop vs a wireguard-go "
+                        "client with the kernel users' layout")
     t.add_argument("--against", metavar="CHECKOUT",
                    help="also measure the wgpy of another checkout (e.g. the previous commit) as wgpy@base")
     t.add_argument("--rounds", type=_positive, default=1,
@@ -62,6 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "tunnel":
         from . import tunnel
 
+        if args.multihop:
+            from . import multihop
+
+            tunnel.require_tools()
+            figures = []
+            for _ in range(args.rounds):
+                for client in ("wireguard-go", "wgpy"):
+                    figures.extend(multihop.measure(client, args.seconds))
+            if args.json:
+                print(json.dumps([f.__dict__ for f in figures], indent=2))
+            else:
+                print(tunnel.format_table(figures, args.seconds,
+                                          f"wireguard-go client via two {multihop.RELAY} relays (multihop)",
+                                          f"MTU {multihop.MTU}, two relays"))
+            return 0
         if args.bridge:
             pairs = [("wireguard-go", "wireguard-go", "libev"), ("wgpy", "wgpy", "wgpy"),
                      ("wgpy", "wireguard-go", "wgpy+libev"), ("wgpy", "wireguard-go", "libev")]

@@ -242,27 +242,28 @@ def measure_pair(left: str, right: str, seconds: int, bridge: str | None = None)
     return figures
 
 
-def run(pairs: list[tuple], seconds: int) -> list[Figure]:
-    """`pairs`: (left, right) or (left, right, bridge) with bridge a key of BRIDGES."""
-    tools = ["ip", "wg", "iperf3", "wireguard-go"]
-    if any(len(p) > 2 for p in pairs):
-        tools += ["ss-server", "ss-tunnel"]
-    missing = [t for t in tools if shutil.which(t) is None]
+def require_tools(*extra: str) -> None:
+    missing = [t for t in ("ip", "wg", "iperf3", "wireguard-go", "nft", *extra) if shutil.which(t) is None]
     if os.geteuid() != 0 or missing:
         raise SystemExit(f"wgpy bench tunnel needs root and {', '.join(missing) or 'nothing else'}")
+
+
+def run(pairs: list[tuple], seconds: int) -> list[Figure]:
+    """`pairs`: (left, right) or (left, right, bridge) with bridge a key of BRIDGES."""
+    require_tools(*(("ss-server", "ss-tunnel") if any(len(p) > 2 for p in pairs) else ()))
     out: list[Figure] = []
     for left, right, *bridge in pairs:
         out.extend(measure_pair(left, right, seconds, bridge[0] if bridge else None))
     return out
 
 
-def format_table(figures: list[Figure], seconds: int, reference: str = "wireguard-go <-> wireguard-go") -> str:
+def format_table(figures: list[Figure], seconds: int, reference: str = "wireguard-go <-> wireguard-go",
+                 setup: str = f"MTU 1420; {BRIDGE_MTU} through a Shadowsocks {BRIDGE_METHOD} bridge") -> str:
     ref: dict[str, float] = {}
     for f in figures:  # the first round's reference, for rows measured before it (veth)
         if f.pair == reference:
             ref.setdefault(f.direction, f.mbps)
-    lines = [f"wgpy bench tunnel: iperf3 TCP, {seconds} s per direction, two namespaces over veth "
-             f"(MTU 1420; {BRIDGE_MTU} through a Shadowsocks {BRIDGE_METHOD} bridge)",
+    lines = [f"wgpy bench tunnel: iperf3 TCP, {seconds} s per direction, namespaces over veth ({setup})",
              f"{'pair':<62} {'dir':<5} {'Mbit/s':>9} {'retrans':>8} {'CPU s/GB':>9} {'vs ' + reference:>10}"]
     for f in figures:
         if f.pair == reference:

@@ -89,9 +89,22 @@ def test_udp_packet_round_trips_with_valid_checksums(hosts, sport, dport, payloa
     assert parsed == ((str(ipaddress.ip_address(src[0])), sport), (str(ipaddress.ip_address(dst[0])), dport), payload)
 
 
-@given(st.binary(max_size=200))
-def test_parse_never_raises_on_any_bytes(data):
-    parse_udp_untrusted(data)
+@given(st.binary(max_size=200), st.booleans())
+def test_parse_never_raises_on_any_bytes(data, verify):
+    parse_udp_untrusted(data, verify_checksum=verify)
+
+
+@given(hosts4, hosts4, st.binary(max_size=300))
+def test_ipv4_without_udp_checksum_is_zero_and_accepted(src, dst, payload):
+    packet = udp_packet((src, 1), (dst, 2), payload, udp_checksum=False)
+    assert packet[26:28] == b"\0\0" and reference_checksum(packet[:20]) == 0
+    assert parse_udp_untrusted(packet)[2] == payload
+
+
+@given(hosts6, hosts6, st.binary(max_size=300))
+def test_ipv6_always_gets_a_udp_checksum(src, dst, payload):
+    packet = udp_packet((src, 1), (dst, 2), payload, udp_checksum=False)
+    assert _independent_udp_checksum(packet)
 
 
 @given(st.binary(min_size=1, max_size=64), st.integers(0, 200), st.integers(0, 255))
