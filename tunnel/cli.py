@@ -110,7 +110,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-SET_USAGE = "usage: wgpy set IFNAME peer PUBKEY bridge URI|FILE|off [peer PUBKEY bridge URI|FILE|off ...]"
+SET_USAGE = ("usage: wgpy set IFNAME peer PUBKEY bridge URI|FILE|off|via PUBKEY|off "
+             "[peer PUBKEY bridge URI|FILE|off|via PUBKEY|off ...]")
 
 
 def _bridge_value(value: str) -> str | None:
@@ -131,25 +132,34 @@ def _bridge_value(value: str) -> str | None:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    """Bridges on a running interface; everything else stays with `wg set`."""
+    """Bridges and vias on a running interface; everything else stays with `wg set`."""
     from . import quick, uapi
     from .netconfig import NetError
 
     words = args.settings
     if not words or len(words) % 4:
         raise UsageError(SET_USAGE)
-    changes: list[tuple[bytes, str | None]] = []
+    changes: list[tuple[bytes, str, object]] = []
     for i in range(0, len(words), 4):
-        peer_word, key_text, bridge_word, value = words[i:i + 4]
-        if peer_word != "peer" or bridge_word != "bridge":
+        peer_word, key_text, what, value = words[i:i + 4]
+        if peer_word != "peer" or what not in ("bridge", "via"):
             raise UsageError(SET_USAGE)
         try:
             key = keys.decode_base64_key(key_text)
         except keys.KeyError_:  # not echoed: swapped arguments would put a URI here
             raise UsageError(f"argument {i + 3}: not a base64 WireGuard public key") from None
-        changes.append((key, _bridge_value(value)))
+        if what == "bridge":
+            changes.append((key, what, _bridge_value(value)))
+            continue
+        entry = None
+        if value != "off":
+            try:
+                entry = keys.decode_base64_key(value)
+            except keys.KeyError_:
+                raise UsageError(f"argument {i + 5}: via takes the base64 public key of another peer, or off") from None
+        changes.append((key, what, entry))
     try:
-        quick.set_bridges(args.ifname, changes)
+        quick.set_peers(args.ifname, changes)
     except (quick.UpError, uapi.ControlError, NetError) as exc:
         raise UsageError(str(exc)) from None
     return 0
@@ -192,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("ifname", nargs="?", metavar="IFNAME")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_show)
-    sp = sub.add_parser("set", help="bridge a peer of a running interface: "
-                        "`wgpy set IFNAME peer PUBKEY bridge URI|off`")
+    sp = sub.add_parser("set", help="bridge a peer of a running interface, or reach it through another: "
+                        "`wgpy set IFNAME peer PUBKEY bridge URI|off|via PUBKEY|off`")
     sp.add_argument("ifname", metavar="IFNAME")
     sp.add_argument("settings", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_set)

@@ -7,8 +7,13 @@
 
 The format is the one wg-quick(8) reads: `[Interface]` and `[Peer]` sections of `Key = Value`
 lines. wg-quick takes MTU, Table, DNS, Address, PreUp, PostUp, PreDown, PostDown and SaveConfig
-out of [Interface] and hands everything else to `wg setconf` (wg(8), src/config.c). wgpy adds one
-peer key, `Bridge`, a carrier URL that another module validates.
+out of [Interface] and hands everything else to `wg setconf` (wg(8), src/config.c). wgpy adds two
+peer keys: `Bridge`, a carrier URL that another module validates, and `Via`, the base64 public
+key of another peer of the file through which this one is reached (multihop; bridge/multihop.py
+holds the rules: no unknown peer, not itself, no cycle, one level at most). A Via'd peer (an
+exit) may not have a Bridge: a bridge wraps only the first hop, so it belongs on the entry.
+
+    nest = nesting(cfg, endpoints)                # {exit key: entry key}: Via, else detected
 
 As wg-quick and wg (checked against wireguard-tools v1.0.20210914 and its source):
 - `#` starts a comment anywhere on a line, so no value can contain `#` (hook commands included);
@@ -74,6 +79,7 @@ import stat
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Union
 
+from bridge import multihop
 from bridge.spec import BridgeError, parse_bridge
 from transport.address import format_address
 
@@ -89,6 +95,7 @@ __all__ = [
     "PeerConfig",
     "interface_name_for",
     "load_config",
+    "nesting",
     "parse_config",
     "render_config",
     "uapi_set_lines",
@@ -161,7 +168,10 @@ class PeerConfig:
     endpoint: tuple[str, int] | None = None  # (IPv4 | IPv6 without brackets | DNS name, port)
     persistent_keepalive: int | None = None  # "off" -> None
     bridge: str | None = None  # the `Bridge = ...` value as written (bridge/spec.py checked it)
+    via: bytes | None = None  # `Via = ...`: the public key of the peer this one is reached through
     line: int = field(default=0, compare=False)  # line of the [Peer] header (not compared)
+    # canonical key name -> line of its (first) value, for FILE:LINE messages (not compared)
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def __repr__(self) -> str:
         return _safe_repr(self, ("preshared_key", "bridge"))
@@ -319,6 +329,10 @@ def _bridge(value: str, notes: list) -> str:
     return value
 
 
+def _via(value: str, notes: list) -> bytes:
+    return base64_key(value)
+
+
 _Handler = Callable[[str, list], object]
 
 # canonical name -> handler; the lists below say which keys accumulate.
@@ -343,6 +357,7 @@ _PEER_KEYS: dict[str, _Handler] = {
     "Endpoint": _endpoint,
     "PersistentKeepalive": _keepalive,
     "Bridge": _bridge,
+    "Via": _via,
 }
 _REPEATABLE = frozenset({"Address", "DNS", "PreUp", "PostUp", "PreDown", "PostDown", "AllowedIPs"})
 _BY_LOWER = {
@@ -525,12 +540,141 @@ def _build(
                 endpoint=sec.one("Endpoint"),
                 persistent_keepalive=sec.one("PersistentKeepalive"),
                 bridge=sec.one("Bridge"),
+                via=sec.one("Via"),
                 line=sec.line,
+                lines=dict(sec.lines),
             )
         )
+    for line, message in _via_errors(path, out):
+        err(line, message)
     if iface is None:
         return None
     return Config(path=path, interface=iface, peers=out)
+
+
+# ---------------------------------------------------------------------------- multihop
+
+
+def _chain_errors(via: dict[bytes, bytes], known: list[bytes], where: Callable[[bytes], tuple[str, int]]
+                  ) -> list[tuple[bytes, str]]:
+    """Every (peer, message) bridge.multihop.check_chains finds in `via`: it stops at the first,
+    so the peer it names is set aside and the rest checked again. `where(peer)` is the
+    (path, line) its message is about; the message is returned without that prefix."""
+    if not via:
+        return []
+    via = dict(via)
+    found: list[tuple[bytes, str]] = []
+    culprit: list[bytes] = []
+
+    def label(peer: bytes) -> str:
+        culprit.append(peer)
+        path, line = where(peer)
+        return f"{path}:{line}"
+
+    while via:
+        culprit.clear()
+        try:
+            multihop.check_chains(via, known, label)
+            break
+        except multihop.NestingError as exc:
+            peer = culprit[-1]
+            prefix = label(peer) + ": "
+            text = str(exc)
+            found.append((peer, text[len(prefix):] if text.startswith(prefix) else text))
+            del via[peer]
+    return found
+
+
+def _via_errors(path: str, peers: list[PeerConfig]) -> list[tuple[int, str]]:
+    """The explicit Vias of a file: check_chains' rules, and no Bridge on a peer that has one."""
+    by_key = {p.public_key: p for p in peers}
+    via = {p.public_key: p.via for p in peers if p.via is not None}
+
+    def line_of(key: bytes) -> int:
+        return by_key[key].lines.get("Via", by_key[key].line)
+
+    found = _chain_errors(via, list(by_key), lambda k: (path, line_of(k)))
+    errors = [(line_of(peer), message) for peer, message in found]
+    bad = {peer for peer, _ in found}
+    for p in peers:
+        if p.via is not None and p.bridge is not None and p.public_key not in bad:
+            errors.append((p.lines.get("Bridge", p.line),
+                           f"Bridge on a peer reached Via another peer: a bridge wraps only the first hop; "
+                           f"put it on the entry peer ([Peer] on line {by_key[p.via].line})"))
+    return errors
+
+
+def _numeric(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+def nesting(config: Config, endpoints: dict[int, tuple[str, int]] | None = None) -> dict[bytes, bytes]:
+    """The effective nesting of a configuration: {exit public key: entry public key} for each
+    peer reached through another one; peers reached directly are absent.
+
+    A peer's `Via` says it; without one, a peer whose endpoint lies in another peer's AllowedIPs
+    (longest prefix, /0 ignored; an AllowedIP on two peers counts for the last, as WireGuard
+    keeps it) is nested in that peer (bridge.multihop.entry_for): the layout Mullvad and kernel
+    users write (entry: AllowedIPs = exit/32; exit: AllowedIPs = 0.0.0.0/0, ::/0). `endpoints`
+    maps a peer's index to its resolved numeric (ip, port), as for uapi_set_lines; without an
+    entry there, a peer's endpoint counts only when it is already numeric (names are resolved
+    by `wgpy up`, which passes them here).
+
+    Raises ConfigError (FILE:LINE, the line of the Endpoint) for a detected layout that cannot
+    work: nested more than one level, a cycle, or a Bridge on the nested peer. Explicit Vias were
+    checked by parse_config already."""
+    if endpoints is None:
+        endpoints = {}
+    peers = config.peers
+    owner: dict[IPNetwork, bytes] = {}
+    for p in peers:
+        for net in p.allowed_ips:
+            owner[net] = p.public_key  # the last peer keeps it, as in WireGuard
+    allowed: dict[bytes, list[IPNetwork]] = {}
+    for net, key in owner.items():
+        allowed.setdefault(key, []).append(net)
+    result: dict[bytes, bytes] = {p.public_key: p.via for p in peers if p.via is not None}
+    detected: dict[bytes, tuple[PeerConfig, str]] = {}
+    for i, p in enumerate(peers):
+        if p.via is not None:
+            continue
+        endpoint = endpoints.get(i, p.endpoint)
+        host = _numeric(endpoint[0]) if endpoint is not None else None
+        if host is None:
+            continue
+        entry = multihop.entry_for(host, p.public_key, allowed) if allowed else None
+        if entry is not None:
+            result[p.public_key] = entry
+            detected[p.public_key] = (p, host)
+    if not detected:
+        return result
+    by_key = {p.public_key: p for p in peers}
+    errors: list[tuple[str, int, str]] = []
+
+    def where(key: bytes) -> tuple[str, int]:
+        peer = by_key[key]
+        return config.path, peer.lines.get("Via" if peer.via is not None else "Endpoint", peer.line)
+
+    for key, message in _chain_errors(result, list(by_key), where):
+        path, line = where(key)
+        if key in detected:
+            peer, host = detected[key]
+            message = (f"Endpoint {host} lies in the AllowedIPs of the [Peer] on line {by_key[result[key]].line}, "
+                       f"so this peer is reached through that one (as with Via), but: {message}")
+        errors.append((path, line, message))
+    for key, (peer, host) in detected.items():
+        if peer.bridge is not None:
+            errors.append((config.path, peer.lines.get("Bridge", peer.line),
+                           f"Bridge on a peer reached through another one (its Endpoint {host} lies in the "
+                           f"AllowedIPs of the [Peer] on line {by_key[result[key]].line}): a bridge wraps only "
+                           f"the first hop; put it on that peer"))
+    if errors:
+        errors.sort(key=lambda e: e[1])
+        raise ConfigError(errors)
+    return result
 
 
 def parse_config(text: str, path: str) -> Config:
@@ -601,6 +745,9 @@ def uapi_set_lines(config: Config, endpoints: dict[int, tuple[str, int]] | None 
     resolved numeric (ip, port); a peer whose endpoint is already numeric needs no entry.
     `bridges` maps a peer's index to its bridge with a numeric server (wgpy's `wgpy_bridge=`
     extension, sent after the endpoint: a daemon other than wgpy-daemon refuses the request).
+    A peer's `Via` becomes `wgpy_via=<hex key>` (also an extension; the daemon resolves it once
+    the whole request is applied, so the entry may come later). Nesting detected from AllowedIPs
+    is not sent: the daemon detects it the same way.
     Raises ValueError for a peer whose endpoint is a name that `endpoints` does not resolve."""
     iface = config.interface
     lines = [
@@ -627,6 +774,8 @@ def uapi_set_lines(config: Config, endpoints: dict[int, tuple[str, int]] | None 
             lines.append(f"endpoint={format_address((_ntop(addr), port))}")
         if bridges is not None and i in bridges:
             lines.append(f"wgpy_bridge={bridges[i]}")
+        if peer.via is not None:
+            lines.append(f"wgpy_via={peer.via.hex()}")
         if peer.persistent_keepalive is not None:
             lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
         lines.append("replace_allowed_ips=true")
@@ -677,4 +826,6 @@ def render_config(config: Config) -> str:
             out.append(f"PersistentKeepalive = {peer.persistent_keepalive}")
         if peer.bridge is not None:
             out.append(_value("Bridge", peer.bridge))
+        if peer.via is not None:
+            out.append(f"Via = {encode_base64_key(peer.via)}")
     return "\n".join(out) + "\n"

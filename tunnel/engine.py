@@ -34,7 +34,8 @@ from typing import Callable
 import trio
 
 from bridge.carrier import BridgeTransport, open_bridge
-from bridge.multihop import NestedTransport, Reassembler, parse_udp_untrusted
+from bridge.multihop import Reassembler, parse_udp_untrusted
+from bridge.nested import NestedTransport
 from bridge.spec import BridgeSpec
 from transport.base import UDP, Datagram, Endpoint, ReceiveFunc, Transport
 from transport.udp import UdpTransport

@@ -3,6 +3,12 @@ change journaled (tunnel/netconfig.py) so `down` restores the host exactly.
 
 Order (as wg-quick): PreUp, daemon, keys and peers, addresses, MTU and link up, DNS, routes
 (policy routing for 0.0.0.0/0 and ::/0), PostUp. Any failure undoes what was done and exits 1.
+
+Multihop (a peer reached through another one, by `Via` or detected: tunnel/config.py `nesting`):
+the MTU is taken on the path to the *entry* peer's endpoint (or its bridge's server) and loses
+80 bytes per nesting level; the host route for an exit's own address (the entry's AllowedIPs
+entry that is exactly the exit's endpoint /32 or /128) is not added, since the exit's datagrams
+never pass through the host's routing table.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from bridge.multihop import NEST_OVERHEAD, NestingError, check_chains, depth, entry_for
+from bridge.shadowsocks import METHODS, ServerConfig, format_uri
 from bridge.spec import BridgeError, BridgeSpec, parse_bridge
 
 from . import config as wgconfig
@@ -106,31 +114,107 @@ def bridge_plan(cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]]) -> 
 
 
 def set_bridges(ifname: str, changes: list[tuple[bytes, str | None]], *, out=print) -> None:
-    """`wgpy set IFNAME peer KEY bridge URI|off ...` on a running wgpy-daemon (from `wgpy up`,
-    wg-quick with WG_QUICK_USERSPACE_IMPLEMENTATION=wgpy-daemon, or by hand): resolve each
-    bridge's server, send them in one UAPI request (all or nothing), then lower the interface's
-    MTU if a bridge's overhead no longer lets it fit the path to that bridge's server."""
+    """`wgpy set IFNAME peer KEY bridge URI|off ...`: set_peers with bridges only."""
+    set_peers(ifname, [(key, "bridge", value) for key, value in changes], out=out)
+
+
+def _b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+def _redacted_bridge(text: str | None) -> BridgeSpec | None:
+    """A bridge as `get=wgpy` shows it (ss://METHOD@HOST:PORT, without its password), as a spec
+    good for its server and overhead only (a stand-in password of the right form)."""
+    if not text:
+        return None
+    try:
+        if text.startswith("ss://") and "@" in text:
+            method, _, server = text[len("ss://"):].partition("@")
+            m = METHODS.get(method.lower())
+            if m is None:
+                return None
+            password = base64.b64encode(bytes(m.key_len)).decode() if m.is_2022 else "x"
+            host, port = parse_bridge(f"udp2tcp://{server}").server
+            return parse_bridge(format_uri(ServerConfig(m.name, password, host, port)))
+        return parse_bridge(text)
+    except (BridgeError, ValueError):
+        return None
+
+
+def set_peers(ifname: str, changes: list[tuple[bytes, str, object]], *, out=print) -> None:
+    """`wgpy set IFNAME peer KEY bridge URI|off | via KEY|off ...` on a running wgpy-daemon (from
+    `wgpy up`, wg-quick with WG_QUICK_USERSPACE_IMPLEMENTATION=wgpy-daemon, or by hand).
+
+    `changes`: (peer public key, "bridge", URI or None) or (peer public key, "via", entry public
+    key or None). Each bridge's server is resolved and each via checked against the interface's
+    peers as they will be (entry known, not the peer itself, no cycle, one level, no bridge on a
+    nested peer: bridge.multihop's rules, with nesting detected from allowed ips as the daemon
+    does); then all go in one UAPI request (all or nothing), and the interface's MTU is lowered
+    if a bridge's overhead or a nesting level no longer lets it fit the path."""
     status = uapi.get_status(ifname)
-    peers = {p.public_key: p.endpoint for p in status.peers}
+    peers = {p.public_key: p for p in status.peers}
     lines: list[str] = []
-    bridged: list[tuple[BridgeSpec, tuple[str, int] | None]] = []
-    for public_key, value in changes:
-        name = base64.b64encode(public_key).decode()
+    bridge = {p.public_key: _redacted_bridge(p.bridge) for p in status.peers}
+    bridged = {p.public_key for p in status.peers if p.bridge}
+    via = {p.public_key: p.via for p in status.peers if p.via is not None}
+    for public_key, what, value in changes:
+        name = _b64(public_key)
         if public_key not in peers:
             raise UpError(f"{ifname} has no peer {name} (add it first, e.g. with `wg set`)")
-        spec = None
-        if value is not None:
-            try:
-                spec = resolve_bridge(parse_bridge(value))
-            except BridgeError as exc:  # never echoes the value: it may hold a password
-                raise UpError(f"bridge for peer {name}: {exc}") from None
-            bridged.append((spec, peers[public_key]))
-        lines += [f"public_key={public_key.hex()}", "update_only=true", f"wgpy_bridge={spec.uri if spec else ''}"]
+        lines += [f"public_key={public_key.hex()}", "update_only=true"]
+        if what == "bridge":
+            spec = None
+            if value is not None:
+                try:
+                    spec = resolve_bridge(parse_bridge(str(value)))
+                except BridgeError as exc:  # never echoes the value: it may hold a password
+                    raise UpError(f"bridge for peer {name}: {exc}") from None
+                bridged.add(public_key)
+            else:
+                bridged.discard(public_key)
+            bridge[public_key] = spec
+            lines.append(f"wgpy_bridge={spec.uri if spec else ''}")
+        elif what == "via":
+            if value is None:
+                via.pop(public_key, None)
+            else:
+                assert isinstance(value, bytes)
+                if value not in peers:
+                    raise UpError(f"via for peer {name}: {ifname} has no peer {_b64(value)}")
+                via[public_key] = value
+            lines.append(f"wgpy_via={value.hex() if isinstance(value, bytes) else ''}")
+        else:
+            raise ValueError(f"unknown peer setting {what!r}")
+    nest = _status_nesting(status, via)
+    try:
+        check_chains(nest, peers, lambda k: f"peer {_b64(k)}")
+    except NestingError as exc:
+        raise UpError(str(exc)) from None
+    for key in nest:
+        if key in bridged:
+            raise UpError(f"peer {_b64(key)} is reached through peer {_b64(nest[key])} and has a bridge: "
+                          "a bridge wraps only the first hop; put it on the entry peer")
     try:
         uapi.set_config(ifname, lines)
     except uapi.ControlError as exc:
-        raise UpError(f"{exc} (bridges need wgpy-daemon; wireguard-go has none)") from None
-    need = min((_bridge_mtu(spec, target, status.fwmark) for spec, target in bridged), default=None)
+        raise UpError(f"{exc} (bridges and via need wgpy-daemon; wireguard-go has neither)") from None
+    changed = {key for key, _, _ in changes}
+    needs = []
+    for key in peers:
+        first, levels = key, 0
+        while first in nest and levels <= 1:
+            first, levels = nest[first], levels + 1
+        spec = bridge.get(first)
+        if (key not in changed and first not in changed) or (spec is None and not levels):
+            continue
+        target = peers[first].endpoint
+        if spec is not None:
+            needs.append(_bridge_mtu(spec, target, status.fwmark) - NEST_OVERHEAD * levels)
+        else:
+            host = target[0] if target is not None else None
+            path = netconfig.route_mtu_towards(host, status.fwmark) or 1500
+            needs.append(path - TUNNEL_OVERHEAD - NEST_OVERHEAD * levels)
+    need = min(needs, default=None)
     try:
         with open(f"/sys/class/net/{ifname}/mtu") as f:
             mtu = int(f.read())
@@ -138,7 +222,21 @@ def set_bridges(ifname: str, changes: list[tuple[bytes, str | None]], *, out=pri
         return
     if need is not None and mtu > need:
         run(["ip", "link", "set", "dev", ifname, "mtu", str(need)])
-        out(f"wgpy: {ifname}: MTU lowered from {mtu} to {need} to fit through the bridge", file=sys.stderr)
+        out(f"wgpy: {ifname}: MTU lowered from {mtu} to {need} to fit through the bridge or the entry peer",
+            file=sys.stderr)
+
+
+def _status_nesting(status: uapi.InterfaceStatus, via: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """{peer: entry} of a running interface with explicit vias `via`: those, else detected from
+    the peers' endpoints and allowed ips (bridge.multihop.entry_for, as the daemon does)."""
+    allowed = {p.public_key: p.allowed_ips for p in status.peers}
+    nest = dict(via)
+    for p in status.peers:
+        if p.public_key not in nest and p.endpoint is not None:
+            entry = entry_for(p.endpoint[0], p.public_key, allowed)
+            if entry is not None:
+                nest[p.public_key] = entry
+    return nest
 
 
 def _bridge_mtu(spec: BridgeSpec, target: tuple[str, int] | None, fwmark: int) -> int:
@@ -167,6 +265,93 @@ def compute_mtu(endpoints: dict[int, tuple[str, int]], bridge_overhead: int = 0)
     if best == 0:
         best = netconfig.route_mtu_towards(None) or 1500
     return best - TUNNEL_OVERHEAD - bridge_overhead
+
+
+def plan_mtu(cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]], bridges: dict[int, BridgeSpec],
+             nest: dict[bytes, bytes]) -> int:
+    """The tunnel's MTU: `MTU =` if it fits, else an UpError saying why (the numbers); without
+    it, wg-quick's rule on the paths the encrypted packets really take (the bridge servers of
+    bridged peers; not a nested peer's own endpoint, which the host never routes), lowered to
+    what a nested peer fits (nested_mtu_limits: route MTU to the entry - 80 per layer - the
+    entry's bridge)."""
+    iface = cfg.interface
+    nested = {i for i, p in enumerate(cfg.peers) if p.public_key in nest}
+    underlay = {i: ep for i, ep in endpoints.items() if i not in nested}
+    underlay.update({i: spec.server for i, spec in bridges.items()})
+    overhead = max((spec.overhead(endpoints.get(i, spec.server)) for i, spec in bridges.items()), default=0)
+    if iface.mtu is not None and bridges:
+        path = max((netconfig.route_mtu_towards(h) or 1500 for h, _ in underlay.values()), default=1500)
+        if iface.mtu + TUNNEL_OVERHEAD + overhead > path:
+            raise UpError(f"MTU {iface.mtu} cannot fit: the path to the bridge carries {path} bytes and "
+                          f"WireGuard ({TUNNEL_OVERHEAD}) plus the bridge ({overhead}) need the rest; "
+                          f"use MTU = {path - TUNNEL_OVERHEAD - overhead} or less")
+    limits = nested_mtu_limits(cfg, endpoints, bridges, nest)
+    if iface.mtu is not None:
+        for fit, line, why in limits:
+            if iface.mtu > fit:
+                raise UpError(f"MTU {iface.mtu} cannot fit the peer reached through another one "
+                              f"({cfg.path}:{line}): {why}; use MTU = {fit} or less")
+        return iface.mtu
+    mtu = compute_mtu(underlay, overhead)
+    if limits:
+        fit, line, why = min(limits)
+        mtu = min(mtu, fit)
+        v6 = [a for a in iface.addresses if a.version == 6]
+        if mtu < wgconfig.MIN_MTU_IPV6 and v6:
+            raise UpError(f"the MTU left for the peer reached through another one ({cfg.path}:{line}) is {mtu}, "
+                          f"below {wgconfig.MIN_MTU_IPV6}, the IPv6 minimum, and an IPv6 Address ({v6[0]}) is "
+                          f"configured: {why}")
+    return mtu
+
+
+def exit_host_routes(cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]],
+                     nest: dict[bytes, bytes]) -> set:
+    """The host routes `up` leaves out: an entry's AllowedIPs entry that is exactly its exit's
+    endpoint (/32 or /128), so the exit's address never enters the host's routing table."""
+    index = {p.public_key: i for i, p in enumerate(cfg.peers)}
+    out = set()
+    for exit_key, entry_key in nest.items():
+        ep = endpoints.get(index[exit_key], cfg.peers[index[exit_key]].endpoint)
+        try:
+            host = ipaddress.ip_network(ep[0]) if ep is not None else None
+        except ValueError:
+            continue
+        if host is not None and host in cfg.peers[index[entry_key]].allowed_ips:
+            out.add(host)
+    return out
+
+
+def nested_mtu_limits(cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]],
+                      bridges: dict[int, BridgeSpec], nest: dict[bytes, bytes]) -> list[tuple[int, int, str]]:
+    """For each nested peer (`nest`: tunnel/config.py's nesting): the largest tunnel MTU whose
+    datagrams, wrapped once more per nesting level, still fit the path to its first hop (the
+    entry's endpoint, or the entry's bridge server, with its overhead), with that peer's
+    [Peer] line and the arithmetic in words. (fit, line, why), in the peers' order."""
+    index = {p.public_key: i for i, p in enumerate(cfg.peers)}
+    out = []
+    for i, peer in enumerate(cfg.peers):
+        if peer.public_key not in nest:
+            continue
+        levels = depth(peer.public_key, nest)
+        first = peer.public_key
+        for _ in range(levels):
+            first = nest[first]
+        e = index[first]
+        spec = bridges.get(e)
+        if spec is not None:
+            host, what = spec.server[0], "bridge server"
+            extra = spec.overhead(endpoints.get(e, spec.server))
+        else:
+            host, what = (endpoints[e][0] if e in endpoints else None), "endpoint"
+            extra = 0
+        path = (netconfig.route_mtu_towards(host) if host is not None else None) \
+            or netconfig.route_mtu_towards(None) or 1500
+        fit = path - TUNNEL_OVERHEAD - NEST_OVERHEAD * levels - extra
+        layers = f"{levels + 1} layers of WireGuard ({levels + 1} x {TUNNEL_OVERHEAD})"
+        why = (f"the path to the entry peer's {what} ({host or 'default route'}) carries {path} bytes, and "
+               f"{layers}{f' plus the bridge ({extra})' if extra else ''} need the rest")
+        out.append((fit, peer.line, why))
+    return out
 
 
 def _family(net) -> str:
@@ -211,17 +396,11 @@ def up(target: str, *, out=print) -> str:
     if netconfig.link_exists(ifname) or os.path.exists(uapi.socket_path(ifname)):
         raise UpError(f"`{ifname}' already exists")
     endpoints = resolve_endpoints(cfg)
+    nest = wgconfig.nesting(cfg, endpoints)  # detection on the resolved endpoints
     bridges = bridge_plan(cfg, endpoints)
     iface = cfg.interface
-    # Where the encrypted packets really go: the bridge servers for bridged peers.
-    underlay = {**endpoints, **{i: spec.server for i, spec in bridges.items()}}
-    overhead = max((spec.overhead(endpoints.get(i, spec.server)) for i, spec in bridges.items()), default=0)
-    if iface.mtu is not None and bridges:
-        path = max((netconfig.route_mtu_towards(h) or 1500 for h, _ in underlay.values()), default=1500)
-        if iface.mtu + TUNNEL_OVERHEAD + overhead > path:
-            raise UpError(f"MTU {iface.mtu} cannot fit: the path to the bridge carries {path} bytes and "
-                          f"WireGuard ({TUNNEL_OVERHEAD}) plus the bridge ({overhead}) need the rest; "
-                          f"use MTU = {path - TUNNEL_OVERHEAD - overhead} or less")
+    mtu = plan_mtu(cfg, endpoints, bridges, nest)
+    exit_hosts = exit_host_routes(cfg, endpoints, nest)
     # Full tunnels mark the tunnel's own traffic (the bridges' too): chosen before anything runs.
     fwmark = iface.fwmark
     if iface.table == "auto" and any(n.prefixlen == 0 for p in cfg.peers for n in p.allowed_ips) and not fwmark:
@@ -254,7 +433,6 @@ def up(target: str, *, out=print) -> str:
             journal.cmd(["ip", fam, "address", "add", str(addr), "dev", ifname],
                         ["ip", fam, "address", "del", str(addr), "dev", ifname], may_fail=True)
 
-        mtu = iface.mtu if iface.mtu is not None else compute_mtu(underlay, overhead)
         out(f"[#] ip link set mtu {mtu} up dev {ifname}", file=sys.stderr)
         journal.cmd(["ip", "link", "set", "mtu", str(mtu), "up", "dev", ifname], None)
 
@@ -266,6 +444,8 @@ def up(target: str, *, out=print) -> str:
                           key=lambda n: (-n.prefixlen, n.version, int(n.network_address)))
             fwmark_set = False
             for net in nets:
+                if net in exit_hosts:
+                    continue
                 fam = _family(net)
                 if iface.table != "auto":
                     journal.cmd(["ip", fam, "route", "add", str(net), "dev", ifname, "table", iface.table], None)
@@ -318,6 +498,7 @@ def save_config(ifname: str, path: str) -> None:
             endpoint=p.endpoint,
             persistent_keepalive=p.persistent_keepalive or None,
             bridge=bridges.get(p.public_key),
+            via=p.via,
         )
         for p in status.peers
     ]

@@ -1,4 +1,8 @@
-"""`wgpy show`: the `wg show` view, and the same data as JSON."""
+"""`wgpy show`: the `wg show` view, and the same data as JSON.
+
+Multihop: a peer reached through another one shows `via: ENTRY` (how: its Via, or detected
+because its endpoint lies in the entry's allowed ips) and the entry's bridge if it has one; the
+entry shows which peers it carries. Each keeps its own handshake age and counters."""
 
 from __future__ import annotations
 
@@ -47,14 +51,31 @@ def format_text(status: InterfaceStatus, now: float) -> str:
         lines.append(f"  listening port: {status.listen_port}")
     if status.fwmark:
         lines.append(f"  fwmark: 0x{status.fwmark:x}")
+    by_key = {p.public_key: p for p in status.peers}
+    carries: dict[bytes, list[bytes]] = {}
+    for p in status.peers:
+        if p.entry is not None:
+            carries.setdefault(p.entry, []).append(p.public_key)
     # Most recent handshake first, as wg sorts them.
     for p in sorted(status.peers, key=lambda p: -p.latest_handshake):
         lines.append("")
         lines.append(f"peer: {encode_base64_key(p.public_key)}")
         if p.preshared_key:
             lines.append("  preshared key: (hidden)")
+        if p.entry is not None:
+            how = "Via" if p.via == p.entry else "its endpoint is in the entry's allowed ips"
+            lines.append(f"  via: {encode_base64_key(p.entry)} ({how})")
+            entry = by_key.get(p.entry)
+            if entry is not None and entry.bridge:
+                lines.append(f"  via bridge: {entry.bridge} (the entry's)")
+        elif p.via is not None:
+            lines.append(f"  via: {encode_base64_key(p.via)} (not in effect: no such peer, a cycle, or too deep)")
         if p.endpoint is not None:
-            lines.append(f"  endpoint: {_endpoint(p)}{' (as the bridge server sees it)' if p.bridge else ''}")
+            note = (" (as the bridge server sees it)" if p.bridge
+                    else " (reached inside the entry's tunnel)" if p.entry is not None else "")
+            lines.append(f"  endpoint: {_endpoint(p)}{note}")
+        for exit_key in carries.get(p.public_key, []):
+            lines.append(f"  carries: {encode_base64_key(exit_key)}")
         if p.bridge:
             state = "connected" if p.bridge_connected else "not connected"
             lines.append(f"  bridge: {p.bridge}, {state}; {p.bridge_tx_packets} packets sent, "
@@ -72,7 +93,8 @@ def format_text(status: InterfaceStatus, now: float) -> str:
 
 def as_json(statuses: list[InterfaceStatus], now: float) -> str:
     """Keys in base64, addresses as `wg show` prints them; no private or preshared key (only
-    whether a peer has one)."""
+    whether a peer has one). Per peer, `via` is its explicit via and `entry` the peer it is
+    reached through now (by via or detected); both base64 keys or null."""
     out = []
     for st in statuses:
         peers = []
@@ -91,6 +113,8 @@ def as_json(statuses: list[InterfaceStatus], now: float) -> str:
                 "bridge_tx_packets": p.bridge_tx_packets,
                 "bridge_rx_packets": p.bridge_rx_packets,
                 "bridge_dropped": p.bridge_dropped,
+                "via": encode_base64_key(p.via) if p.via is not None else None,
+                "entry": encode_base64_key(p.entry) if p.entry is not None else None,
                 "latest_handshake_seconds_ago": int(now) - p.latest_handshake if p.latest_handshake else None,
             })
         out.append({

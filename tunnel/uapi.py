@@ -53,9 +53,21 @@ connection on an unknown operation, so a client learns at once that they are not
                                  an empty value removes it. The peer's `endpoint` is then the
                                  WireGuard endpoint as the bridge server sees it, and it no longer
                                  roams (see Peer.pinned).
-    operation `get=wgpy`         `get=1`'s reply plus, per peer, `InterfaceSettings.extension_lines`
-                                 (the bridge, its counters). `get=1` stays exactly wireguard-go's
-                                 format, so `wg` and other UAPI clients never see an extension.
+    peer key `wgpy_via=HEX`      reach this peer through another peer of the interface (multihop,
+                                 bridge/multihop.py): its datagrams travel inside the tunnel of the
+                                 peer with that public key (64 hex characters, not the peer itself);
+                                 an empty value removes it. The entry need not exist yet: the daemon
+                                 resolves nesting once the whole request is applied (an unknown entry,
+                                 a cycle or a chain deeper than one level leaves the peer unreachable
+                                 and says so in `get=wgpy`, it is not an error of the request).
+                                 Without it, a peer whose endpoint lies in another peer's allowed ips
+                                 (/0 ignored) is nested in that peer all the same.
+    operation `get=wgpy`         `get=1`'s reply plus, per peer, `InterfaceSettings.extension_lines`:
+                                 the bridge and its counters (`wgpy_bridge=`, ...), `wgpy_via=HEX`
+                                 (the peer's explicit via) and `wgpy_entry=HEX` (the peer it is
+                                 reached through now, by wgpy_via or detected; absent when direct).
+                                 `get=1` stays exactly wireguard-go's format, so `wg` and other UAPI
+                                 clients never see an extension.
 """
 
 from __future__ import annotations
@@ -108,6 +120,7 @@ __all__ = [
     "SetPresharedKey",
     "SetPrivateKey",
     "SetTransaction",
+    "SetVia",
     "UapiError",
     "apply_set",
     "format_get",
@@ -165,6 +178,11 @@ class InterfaceSettings(Protocol):
 
     def set_bridge(self, peer, bridge: BridgeSpec | None) -> None:
         """Carry the peer's datagrams through `bridge` (None: directly). Cannot fail."""
+
+    def set_via(self, peer, entry: bytes | None) -> None:
+        """Reach `peer` through the peer whose public key is `entry` (None: no explicit via, so
+        directly or as detected from allowed ips). The entry may not exist yet: nesting is
+        resolved after the whole set request. Cannot fail."""
 
     def extension_lines(self, peer) -> list[str]:
         """`key=value` lines about `peer` for `get=wgpy`."""
@@ -350,6 +368,11 @@ class SetBridge:
 
 
 @dataclass(frozen=True)
+class SetVia:
+    entry: bytes | None  # the entry peer's public key; None: no explicit via
+
+
+@dataclass(frozen=True)
 class SetKeepalive:
     seconds: int
 
@@ -370,7 +393,7 @@ class Remove:
     pass
 
 
-PeerOp = Union[SetPresharedKey, SetEndpoint, SetBridge, SetKeepalive, ReplaceAllowedIPs, AllowedIP, Remove]
+PeerOp = Union[SetPresharedKey, SetEndpoint, SetBridge, SetVia, SetKeepalive, ReplaceAllowedIPs, AllowedIP, Remove]
 DeviceOp = Union[SetPrivateKey, ReplacePeers]
 
 
@@ -405,7 +428,7 @@ class SetTransaction:
 _DEVICE_KEYS = frozenset({"private_key", "listen_port", "fwmark", "replace_peers"})
 _PEER_KEYS = frozenset({
     "update_only", "remove", "preshared_key", "endpoint", "persistent_keepalive_interval",
-    "replace_allowed_ips", "allowed_ip", "protocol_version", "wgpy_bridge",
+    "replace_allowed_ips", "allowed_ip", "protocol_version", "wgpy_bridge", "wgpy_via",
 })
 
 # The value grammars (keys, numbers, prefixes, endpoints) are tunnel/grammar.py's, shared with
@@ -424,6 +447,15 @@ def _bridge(value: str) -> BridgeSpec | None:
         return parse_bridge(value, numeric=True)
     except BridgeError as e:  # never quotes the value: an ss:// URI holds a password
         raise BadValue(str(e)) from None
+
+
+def _via(value: str, peer: bytes) -> bytes | None:
+    if not value:
+        return None
+    entry = hex_key(value)
+    if entry == peer:
+        raise BadValue("a peer cannot be reached via itself")
+    return entry
 
 
 def _allowed_ip(value: str) -> AllowedIP:
@@ -489,6 +521,8 @@ def parse_set(lines: list[str]) -> SetTransaction:
                     op = SetKeepalive(uint(value, 65535))
                 elif key == "wgpy_bridge":
                     op = SetBridge(_bridge(value))
+                elif key == "wgpy_via":
+                    op = SetVia(_via(value, section[0]))
                 elif key == "replace_allowed_ips":
                     _true(value)
                     op = ReplaceAllowedIPs()
@@ -596,6 +630,8 @@ def apply_set(tx: SetTransaction, device, iface: InterfaceSettings) -> None:
                 iface.set_endpoint(peer, op.endpoint)
             elif isinstance(op, SetBridge):
                 iface.set_bridge(peer, op.bridge)
+            elif isinstance(op, SetVia):
+                iface.set_via(peer, op.entry)
             elif isinstance(op, SetPresharedKey):
                 device.set_preshared_key(peer, op.key)
             elif isinstance(op, SetKeepalive):
@@ -721,6 +757,10 @@ class PeerStatus:
     bridge_tx_packets: int = 0
     bridge_rx_packets: int = 0
     bridge_dropped: int = 0
+    # wgpy-daemon only: the explicit via (`wgpy_via`) and the peer this one is reached through
+    # now (`wgpy_entry`: by via or detected from allowed ips; None when reached directly).
+    via: bytes | None = None
+    entry: bytes | None = None
 
 
 @dataclass
@@ -785,6 +825,10 @@ def parse_get_reply(ifname: str, text: str) -> InterfaceStatus:
                 peer.bridge = value
             elif key == "wgpy_bridge_connected":
                 peer.bridge_connected = value == "1"
+            elif key == "wgpy_via":
+                peer.via = hex_key(value) if value else None
+            elif key == "wgpy_entry":
+                peer.entry = hex_key(value) if value else None
         except BadValue as exc:
             raise ControlError(f"{ifname}: malformed reply from the daemon, line {n}: {uapi_name(key)}: {exc}") from None
     return status

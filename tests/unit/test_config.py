@@ -815,6 +815,10 @@ def configs(draw):
         )
         for pk in pubs
     ]
+    # Multihop: some peers reached Via the first one (which then has no Via, and they no Bridge).
+    for peer in peers[1:]:
+        if draw(st.booleans()):
+            peer.via, peer.bridge = peers[0].public_key, None
     return Config(path=PATH, interface=iface, peers=peers)
 
 
@@ -834,6 +838,7 @@ def test_generated_config_round_trips(cfg):
     assert [s.public_key for s in tx.peers] == [p.public_key for p in cfg.peers]
     for sec, peer in zip(tx.peers, cfg.peers):
         assert [op.network for op in sec.ops if isinstance(op, uapi.AllowedIP)] == peer.allowed_ips
+        assert [op.entry for op in sec.ops if isinstance(op, uapi.SetVia)] == ([peer.via] if peer.via else [])
 
 
 @SETTINGS

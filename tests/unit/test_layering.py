@@ -18,7 +18,7 @@ PACKAGES = ("transport", "bridge", "tunnel", "bench")
 # Modules documented as sans-IO: protocol logic only, no event loop, no sockets.
 SANS_IO = (
     "transport", "transport.base", "transport.replay", "transport.address",
-    "tunnel.noise", "tunnel.grammar", "tunnel.config", "tunnel.uapi", "tunnel.keys",
+    "tunnel.noise", "tunnel.grammar", "tunnel.config", "tunnel.uapi", "tunnel.keys", "bridge.multihop",
     "bridge.shadowsocks", "bridge.spec",
 )
 

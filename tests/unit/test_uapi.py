@@ -34,6 +34,7 @@ class FakeIface:
         self.port_error: OSError | None = None
         self.mark_error: OSError | None = None
         self.bridges: dict = {}
+        self.vias: dict = {}
 
     def set_listen_port(self, port: int) -> None:
         self.calls.append(("port", port))
@@ -53,9 +54,17 @@ class FakeIface:
     def set_bridge(self, peer, bridge) -> None:
         self.bridges[peer.public_key] = bridge
 
+    def set_via(self, peer, entry: bytes | None) -> None:
+        self.calls.append(("via", entry))
+        if entry is None:
+            self.vias.pop(peer.public_key, None)
+        else:
+            self.vias[peer.public_key] = entry
+
     def extension_lines(self, peer) -> list[str]:
         bridge = self.bridges.get(peer.public_key)
-        return [f"wgpy_bridge={bridge.uri}"] if bridge else []
+        via = self.vias.get(peer.public_key)
+        return ([f"wgpy_bridge={bridge.uri}"] if bridge else []) + ([f"wgpy_via={via.hex()}"] if via else [])
 
 
 def new_device(private: bytes | None = PRIV) -> Device:
@@ -653,6 +662,7 @@ VALID_PEER = [
     "persistent_keepalive_interval=0", "persistent_keepalive_interval=25", "replace_allowed_ips=true",
     "allowed_ip=10.0.0.0/8", "allowed_ip=-10.0.0.0/8", "allowed_ip=10.0.0.0/24", "allowed_ip=::/0",
     "allowed_ip=-::/0", "allowed_ip=0.0.0.0/0", "allowed_ip=-0.0.0.0/0", "protocol_version=1",
+    f"wgpy_via={bytes(range(1, 33)).hex()}", "wgpy_via=",
 ]
 section = st.builds(
     lambda pk, lines: [f"public_key={pk.hex()}", *lines],
