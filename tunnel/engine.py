@@ -349,7 +349,7 @@ class Engine:
                 if self.ifindex is not None:
                     nursery.start_soon(self._link_watcher)
                 nursery.start_soon(self._socket_watcher)
-                log.info("%s: up (listening on UDP port %d)", self.ifname, self.udp.port)
+                log.info("%s: up", self.ifname)
                 task_status.started()
         finally:
             self._nursery = None
@@ -390,6 +390,8 @@ class Engine:
             old.cancel()
         if self._nursery is None:
             return
+        if transport is self.udp:  # here, not at start: `wg setconf` usually moves it at once
+            log.info("%s: listening on UDP port %d", self.ifname, self.udp.port)
         scope = trio.CancelScope()
         self._scopes[transport.ident] = scope
         self._nursery.start_soon(self._transport_tasks, transport, scope)
@@ -468,7 +470,10 @@ class Engine:
             except trio.ClosedResourceError:
                 return
             except OSError as exc:
-                self.stop(f"TUN read failed: {exc.strerror}")
+                # Deleting the link (`wg-quick down`, `ip link del`) fails the read before the
+                # link watcher hears of it: that is a normal stop, not a failure.
+                gone = self.ifindex is not None and not os.path.exists(f"/sys/class/net/{self.ifname}")
+                self.stop("interface deleted" if gone else f"TUN read failed: {exc.strerror}")
                 return
             out = device.outbound(batch, trio.current_time())
             self._reschedule_timers()

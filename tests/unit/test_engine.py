@@ -277,3 +277,16 @@ async def test_removed_peer_stops_its_bridge(socket_dir):
 def test_parse_bridge_used_here_is_the_real_one():
     # The memory bridge above takes a real spec: a typo in the test would not silently pass.
     assert parse_bridge("udp2tcp://203.0.113.9:443").kind == "udp2tcp"
+
+
+async def test_the_log_names_the_port_in_use_after_a_change(socket_dir, caplog):
+    """The listen port is logged each time it is bound, so the log never names a port the
+    daemon no longer uses (issue 12: the first line named the random start port only)."""
+    caplog.set_level("INFO", logger="wgpy")
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        a, b = await start_pair(nursery, net, socket_dir)
+        await a.set("listen_port=41000")
+        ports = [r.getMessage() for r in caplog.records if "listening on UDP port" in r.getMessage()]
+        assert ports[-1] == "wga: listening on UDP port 41000"
+        nursery.cancel_scope.cancel()
