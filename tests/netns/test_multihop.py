@@ -3,14 +3,18 @@
     client (wgpy up) -> entry relay -> exit relay -> destination      (tests/netns/multihop_lab.py)
 
 The relays are wireguard-go or wgpy-daemon interfaces configured by `wg setconf`, forwarding and
-masquerading towards the next hop; each namespace reaches only its neighbours. The client's config
-is a full tunnel (exit: AllowedIPs = 0.0.0.0/0, ::/0) with the nesting either detected (the layout
-Mullvad and kernel users write: entry AllowedIPs = the exit's address/32) or explicit (`Via =`).
+masquerading towards the next hop; each relay reaches only its neighbours (the client's default
+gateway is the entry relay's host, as on the Internet). The client's config is a full tunnel
+(exit: AllowedIPs = 0.0.0.0/0, ::/0) with the nesting either detected (the layout Mullvad and
+kernel users write: entry AllowedIPs = the exit's address/32) or explicit (`Via =`).
 
-- traffic: ping v4 and v6 to the destination, iperf3 both ways, for both relay kinds and layouts;
+- traffic: ping v4 and v6 to the destination, iperf3 both ways, for both relay kinds and layouts,
+  and once with the exit's endpoint on IPv6 (nested datagrams in IPv6 between the relays; an
+  imperative xfail while its full-size replies fragment, see the reason string);
 - leaks (nftables counters, in every traffic test): the client's link carries only the entry hop
   (UDP to the entry's endpoint, or the bridge's packets), the exit receives only from the entry's
-  address, the destination sees only the exit's; and no IP fragment appears anywhere;
+  address, the destination sees only the exit's; and no IP fragment appears anywhere. A datagram
+  sent around the entry (to the exit, with the daemon's fwmark) is counted: the check can fail;
 - MTU: 1500 - 80 - 80; a DF ping of exactly the MTU reaches the destination, one byte more fails
   locally with "message too long";
 - the entry hop through `wgpy bridge serve`: Shadowsocks, and udp-over-tcp through a firewall that
@@ -34,7 +38,7 @@ import pytest
 from bridge.spec import parse_bridge
 
 from .multihop_lab import (C_LINK4, DEST4, DEST6, E_FWD4, E_FWD6, E_LINK4, LINK_MTU, NEST_OVERHEAD, SS_URI,
-                           UDP2TCP_PORT, UDP2TCP_URI, SS_PORT, WG_PORT, MultihopLab)
+                           UDP2TCP_PORT, UDP2TCP_URI, SS_PORT, WG_PORT, X_LINK4, MultihopLab)
 from .netlab import NetLab, missing_requirements
 from .traffic import PingStream, iperf3, ping, received
 
@@ -48,6 +52,7 @@ IPERF_SECONDS = 2.0
 # rekey timeout (10 + 5 s) without an answer to its data, then handshakes again (each try 5 s).
 RESUME_BOUND = 30.0
 MTU = LINK_MTU - NEST_OVERHEAD - NEST_OVERHEAD  # 1340
+SO_MARK = getattr(socket, "SO_MARK", 36)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +109,9 @@ def check_no_leaks(m: MultihopLab, *, v6: bool = True) -> None:
     exit_sees = m.exit.dump()["peers"][client]["endpoint"]
     assert exit_sees is not None and exit_sees.startswith((f"{E_FWD4}:", f"[{E_FWD6}]:")), exit_sees
     assert entry_sees is not None and entry_sees.rsplit(":", 1)[0] in (C_LINK4, "127.0.0.1"), entry_sees
+
+
+def check_no_fragments(m: MultihopLab) -> None:
     fragments = m.fragments()
     assert not any(fragments.values()), fragments
 
@@ -131,10 +139,21 @@ def test_ping_and_iperf_through_both_hops(lab, relays, layout):
         check_iperf(m, f"{relays} relays, {layout}")
         check_show(m, ifname)
         check_no_leaks(m)
-        # The client-link counter does see what leaves around the entry hop: a datagram to another
-        # port of the entry relay (on-link, so the full tunnel does not take it) is counted.
-        m.client_ns.run(["bash", "-c", f"echo leak > /dev/udp/{E_LINK4}/9"], check=False)
+        # The counters do catch a leak: a datagram to the exit sent as the daemon's own (with its
+        # fwmark, so the full tunnel's rules let it out by the main table) leaves by the default
+        # route, through the entry relay's host, and is counted.
+        mark = int(m.client_ns.run(["wg", "show", ifname, "fwmark"]).stdout.strip(), 0)
+        leak = m.client_ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        leak.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        leak.sendto(b"leak", (X_LINK4, WG_PORT))
+        leak.close()
         assert m.counters()["client"]["other"] == 1
+        if layout.endswith("v6") and any(m.fragments().values()):
+            pytest.xfail("reported to the lead: full-size replies nested in IPv6 fragment at the entry relay "
+                         "(the exit pads 1340 to 1344, + 80 > the entry's tunnel MTU 1420) and wgpy "
+                         "reassembles only IPv4 nested datagrams: the IPv6 fragments go to the TUN and "
+                         f"reach the daemon through the host's UDP stack; fragments: {m.fragments()}")
+        check_no_fragments(m)
 
 
 def test_df_ping_of_exactly_the_mtu(lab):
@@ -154,6 +173,7 @@ def test_df_ping_of_exactly_the_mtu(lab):
                                     "-s", str(mtu - header + 1), dst], check=False)
             assert over.returncode != 0 and "message too long" in over.stdout + over.stderr, over
         check_no_leaks(m)
+        check_no_fragments(m)
 
 
 @pytest.mark.parametrize("carrier", ["ss", "udp2tcp"])
@@ -180,6 +200,7 @@ def test_entry_hop_through_a_bridge(lab, carrier):
             assert received(fits) == 1, fits.stdout + fits.stderr
             check_iperf(m, f"bridge {carrier}")
             check_no_leaks(m)
+            check_no_fragments(m)
         if carrier == "udp2tcp":
             assert m.censored() == 1  # the tunnel never tried UDP
 
