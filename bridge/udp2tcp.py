@@ -33,7 +33,13 @@ Facts taken from mullvad/udp-over-tcp, and where we decide differently:
     datagram should not cost the client its TCP connection. TCP errors, EOF, and protocol errors end
     the connection, as in Mullvad.
   * Idle timeout: Mullvad has --tcp-recv-timeout (its relays use 130 s): no bytes from the TCP
-    client for that long closes the connection. Default IDLE_TIMEOUT = 130 s here too.
+    client for that long closes the connection. Default IDLE_TIMEOUT = 130 s here too, but only a
+    complete frame resets it: a client dribbling one byte now and then (slowloris) is closed.
+  * Slots (ConnectionSlots): at most MAX_CONNECTIONS at once and max(1, max_connections // 4) from
+    one source (an IPv4 address, an IPv6 /64). A new connection beyond either cap evicts, among
+    the connections of that source or of all, one that never sent a complete frame (the oldest
+    first), else the least recently active: one source, or many idle connections, can never
+    lock everyone else out. Mullvad refuses nothing; we never refuse either.
   * Accept errors (EMFILE...) are followed by a cool-down doubling from 50 ms to 5 s (Mullvad), so a
     full fd table cannot turn the accept loop into a busy loop.
   * Target selection: the framing carries no address, so a client can never choose where its
@@ -94,6 +100,7 @@ BACKOFF_MAX = 5.0
 STABLE_AFTER = 1.0
 IDLE_TIMEOUT = 130.0
 MAX_CONNECTIONS = 256
+PER_SOURCE_DIVISOR = 4  # one source may hold at most max_connections // 4 (at least 1)
 
 Address = tuple[str, int]
 
@@ -646,11 +653,105 @@ async def run_local_forwarder(listen: Address, server: Address, *,
 # ---------------------------------------------------------------- server
 
 
+def source_key(peer: tuple) -> str:
+    """Who a connection comes from, for per-source caps: the IPv4 address (also when written as
+    ::ffff:a.b.c.d), or the /64 of an IPv6 address (one host often holds a whole /64)."""
+    host = str(peer[0]).split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
+
+
+class Slot:
+    """One admitted connection: enter `scope` around its work; eviction cancels it."""
+
+    __slots__ = ("source", "last_active", "framed", "scope", "evicted")
+
+    def __init__(self, source: str, now: float) -> None:
+        self.source = source
+        self.last_active = now
+        self.framed = False  # has it ever sent a complete frame / chunk?
+        self.scope = trio.CancelScope()
+        self.evicted = False
+
+
+class ConnectionSlots:
+    """The connection table of a TCP server that must not be held by one prober (slowloris).
+
+    `admit(peer)` always admits: beyond `max_per_source` connections from the peer's source, or
+    `max_total` in all, it first evicts a victim among that source's connections or all of them.
+    The victim is a connection that never completed a frame (oldest first), else the least
+    recently active one. `touch(slot)` marks progress (call it for complete frames or chunks only,
+    never for bare bytes); `release(slot)` when the connection ends. Sans-IO apart from the
+    CancelScope it hands out; `now` comes from the caller."""
+
+    def __init__(self, max_total: int, max_per_source: int | None = None) -> None:
+        if max_total < 1:
+            raise UsageError("max_total must be at least 1")
+        self.max_total = max_total
+        self.max_per_source = max(1, max_per_source if max_per_source is not None
+                                  else max_total // PER_SOURCE_DIVISOR)
+        self._never: dict[Slot, None] = {}  # no complete frame yet, in admission order
+        self._active: dict[Slot, None] = {}  # framed, least recently active first
+        self._by_source: dict[str, dict[Slot, None]] = {}
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._never) + len(self._active)
+
+    def count(self, source: str) -> int:
+        return len(self._by_source.get(source, ()))
+
+    def admit(self, peer: tuple, now: float) -> Slot:
+        source = source_key(peer)
+        mine = self._by_source.get(source)
+        if mine is not None and len(mine) >= self.max_per_source:
+            self._evict(min(mine, key=lambda s: (s.framed, s.last_active)))
+        if len(self) >= self.max_total:
+            self._evict(next(iter(self._never)) if self._never else next(iter(self._active)))
+        slot = Slot(source, now)
+        self._never[slot] = None
+        self._by_source.setdefault(source, {})[slot] = None
+        return slot
+
+    def touch(self, slot: Slot, now: float) -> None:
+        slot.last_active = now
+        if slot.evicted:
+            return
+        if not slot.framed:
+            slot.framed = True
+            self._never.pop(slot, None)
+        else:
+            self._active.pop(slot, None)
+        self._active[slot] = None  # to the end: most recently active
+
+    def release(self, slot: Slot) -> None:
+        self._never.pop(slot, None)
+        self._active.pop(slot, None)
+        mine = self._by_source.get(slot.source)
+        if mine is not None:
+            mine.pop(slot, None)
+            if not mine:
+                del self._by_source[slot.source]
+
+    def _evict(self, slot: Slot) -> None:
+        self.release(slot)
+        slot.evicted = True
+        slot.scope.cancel()
+        self.evicted += 1
+
+
 @dataclass
 class ServerStatistics:
     active: int
     accepted: int
-    refused: int  # over max_connections
+    refused: int  # always 0 now: beyond the caps a connection evicts another (see `evicted`)
     accept_errors: int
     closed_idle: int
     protocol_errors: int
@@ -658,6 +759,7 @@ class ServerStatistics:
     to_tcp: int  # datagrams forwarded UDP -> TCP
     dropped: int
     drop_reasons: dict[str, int] = field(default_factory=dict)
+    evicted: int = 0  # connections closed to make room for a new one (see ConnectionSlots)
 
 
 class Udp2TcpServer:
@@ -665,7 +767,8 @@ class Udp2TcpServer:
     target (see `serve`)."""
 
     def __init__(self, listen: Address, allow: Sequence[Address], *, forward: Address | None = None,
-                 max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT,
+                 max_per_source: int | None = None) -> None:
         allow = [tuple(a) for a in allow]
         if forward is None:
             if len(allow) != 1:
@@ -680,6 +783,7 @@ class Udp2TcpServer:
         self.forward: Address = tuple(forward)  # type: ignore[assignment]
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.slots = ConnectionSlots(max_connections, max_per_source)
         self.local_address: tuple | None = None
         self._target: tuple[int, tuple] | None = None
         self._active = 0
@@ -698,6 +802,7 @@ class Udp2TcpServer:
             accept_errors=self._accept_errors, closed_idle=self._closed_idle,
             protocol_errors=self._protocol_errors, to_udp=self._to_udp, to_tcp=self._to_tcp,
             dropped=self._drops.total, drop_reasons=dict(self._drops.reasons),
+            evicted=self.slots.evicted,
         )
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -735,54 +840,63 @@ class Udp2TcpServer:
                     await trio.sleep(cooldown.next_delay())
                     break
                 cooldown.reset()
-                if self._active >= self.max_connections:
-                    self._refused += 1
-                    log.warning("udp2tcp server: %d connections, refusing %s", self._active,
-                                format_address(peer))
-                    conn.close()
-                    continue
                 self._accepted += 1
                 self._active += 1  # counted here so a burst of accepts respects the limit
-                nursery.start_soon(self._connection, conn, peer)
+                slot = self.slots.admit(peer, trio.current_time())  # may evict another
+                nursery.start_soon(self._connection, conn, peer, slot)
 
-    async def _connection(self, tcp: socket.socket, peer: tuple) -> None:
+    async def _connection(self, tcp: socket.socket, peer: tuple, slot: Slot) -> None:
         assert self._target is not None
         family, target = self._target
         udp: socket.socket | None = None
         try:
-            tcp.setblocking(False)
-            _set_nodelay(tcp)
-            udp = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            udp.connect(target)
-            log.debug("udp2tcp server: %s connected", format_address(peer))
-            limit = MAX_UDP_PAYLOAD_V6 if family == socket.AF_INET6 else MAX_UDP_PAYLOAD_V4
-            idle = trio.CancelScope(deadline=trio.current_time() + self.idle_timeout)
-            with idle:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._tcp_to_udp, tcp, udp, FrameDecoder(limit), idle,
-                                       nursery.cancel_scope, peer)
-                    nursery.start_soon(self._udp_to_tcp, udp, tcp, nursery.cancel_scope, peer)
-            if idle.cancelled_caught:
-                self._closed_idle += 1
-                log.info("udp2tcp server: %s idle for %.0f s, closed", format_address(peer),
-                         self.idle_timeout)
+            with slot.scope:
+                tcp.setblocking(False)
+                _set_nodelay(tcp)
+                try:
+                    udp = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                                        | socket.SOCK_CLOEXEC)
+                except OSError as exc:  # EMFILE: a drop, not the end of the server
+                    self._drops.add(f"udp socket: {errname(exc)}")
+                    return
+                udp.connect(target)
+                log.debug("udp2tcp server: %s connected", format_address(peer))
+                limit = MAX_UDP_PAYLOAD_V6 if family == socket.AF_INET6 else MAX_UDP_PAYLOAD_V4
+                idle = trio.CancelScope(deadline=trio.current_time() + self.idle_timeout)
+                with idle:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._tcp_to_udp, tcp, udp, FrameDecoder(limit), idle,
+                                           nursery.cancel_scope, peer, slot)
+                        nursery.start_soon(self._udp_to_tcp, udp, tcp, nursery.cancel_scope, peer)
+                if idle.cancelled_caught:
+                    self._closed_idle += 1
+                    log.info("udp2tcp server: %s idle for %.0f s, closed", format_address(peer),
+                             self.idle_timeout)
+            if slot.evicted:
+                log.info("udp2tcp server: %s evicted to make room (%d connections, %d from its "
+                         "source at most)", format_address(peer), self.slots.max_total,
+                         self.slots.max_per_source)
         except OSError as exc:
             log.error("udp2tcp server: %s: %s", format_address(peer), exc)
         finally:
             self._active -= 1
+            self.slots.release(slot)
             if udp is not None:
                 udp.close()
             tcp.close()
             log.debug("udp2tcp server: %s closed", format_address(peer))
 
     async def _tcp_to_udp(self, tcp: socket.socket, udp: socket.socket, decoder: FrameDecoder,
-                          idle: trio.CancelScope, done: trio.CancelScope, peer: tuple) -> None:
+                          idle: trio.CancelScope, done: trio.CancelScope, peer: tuple,
+                          slot: Slot) -> None:
         view = memoryview(bytearray(TCP_READ_SIZE))
         try:
             while True:
                 datagrams, eof = await _recv_frames(tcp, decoder, view)
-                idle.deadline = trio.current_time() + self.idle_timeout
-                if datagrams:
+                if datagrams:  # only complete frames count as activity (slowloris)
+                    now = trio.current_time()
+                    idle.deadline = now + self.idle_timeout
+                    self.slots.touch(slot, now)
                     await self._send_udp(udp, datagrams)
                 if eof:
                     break
@@ -843,15 +957,17 @@ class Udp2TcpServer:
 
 async def serve(listen: Address, allow: Sequence[Address], *, forward: Address | None = None,
                 max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT,
+                max_per_source: int | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run a udp-over-tcp server until cancelled; `task_status.started(server)` once listening.
 
     Every connection is relayed to one fixed UDP target: `forward`, which must be in `allow`, or,
     without `forward`, the single address in `allow` (UsageError otherwise). At most
-    `max_connections` at once (more are accepted and closed at once); a connection that sends no
-    bytes for `idle_timeout` seconds is closed, and with it its UDP socket."""
+    `max_connections` at once, and `max_per_source` (default max_connections // 4) from one
+    source: a connection beyond either evicts another (see ConnectionSlots); a connection that
+    sends no complete frame for `idle_timeout` seconds is closed, and with it its UDP socket."""
     server = Udp2TcpServer(listen, allow, forward=forward, max_connections=max_connections,
-                           idle_timeout=idle_timeout)
+                           idle_timeout=idle_timeout, max_per_source=max_per_source)
     await server.run(task_status=task_status)
 
 
@@ -869,6 +985,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow", action="append", type=parse_hostport, default=None,
                    help="allowed targets (default: the --forward target)")
     s.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS)
+    s.add_argument("--max-per-source", type=int, default=None,
+                   help="connections from one IPv4 address or IPv6 /64 (default: max/4)")
     s.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT)
     c = sub.add_parser("client", help="a local UDP port forwarded over TCP")
     c.add_argument("--listen", required=True, type=parse_hostport, help="local UDP HOST:PORT")
@@ -889,7 +1007,8 @@ async def _main_async(args: argparse.Namespace) -> None:
         if args.mode == "server":
             server = await nursery.start(functools.partial(
                 serve, args.listen, args.allow or [args.forward], forward=args.forward,
-                max_connections=args.max_connections, idle_timeout=args.idle_timeout))
+                max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+                max_per_source=args.max_per_source))
             print(f"udp2tcp server: listening on {format_address(server.local_address)}/TCP, "
                   f"forwarding to {format_address(server.forward)}/UDP", flush=True)
         else:

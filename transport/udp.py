@@ -57,13 +57,34 @@ class UdpTransport(Transport):
 
     def bind(self, port: int) -> None:
         """(Re)bind both sockets to `port` (0: a random port, the same for both families).
-        On failure the old sockets stay as they were; raises OSError (e.g. EADDRINUSE). The
-        old receive functions end (ClosedResourceError); call `receivers()` again."""
-        v4, v6, bound = self._open_pair(port)
+
+        As wireguard-go (BindUpdate), the old sockets are closed first, so that the port they
+        hold can be taken again (rebinding the current port must not fail with EADDRINUSE). If
+        `port` cannot be bound, the old port is bound again (best effort: someone may have
+        taken it meanwhile, and then the transport is left unbound, `port` 0) and the OSError
+        (e.g. EADDRINUSE) is raised. Either way the old receive functions end
+        (ClosedResourceError); call `receivers()` again."""
+        old_port = self.port if self.sockets else 0
         self.close()
+        try:
+            self._bind_now(port)
+        except OSError:
+            if old_port:
+                try:
+                    self._bind_now(old_port)
+                except OSError:
+                    pass
+            raise
+
+    def _bind_now(self, port: int) -> None:
+        v4, v6, bound = self._open_pair(port)
         self.v4, self.v6, self.port = v4, v6, bound
         if self.fwmark:
-            self._apply_mark(self.fwmark)
+            try:
+                self._apply_mark(self.fwmark)
+            except OSError:
+                self.close()
+                raise
 
     def _open_pair(self, port: int) -> tuple[socket.socket | None, socket.socket | None, int]:
         attempts = 10 if port == 0 else 1
@@ -211,3 +232,4 @@ class UdpTransport(Transport):
                 pass  # not inside trio: nobody waits on it
             s.close()
         self.v4 = self.v6 = None
+        self.port = 0

@@ -10,6 +10,7 @@ import sys
 from . import keys
 
 PROG = "wgpy"
+WAIT_DEFAULT = 15.0  # `wgpy up --wait`: a few handshake retries (one per 5 s)
 
 
 class UsageError(Exception):
@@ -66,17 +67,36 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
     return 0
 
 
+NEEDS_ROOT = "needs root (CAP_NET_ADMIN)"
+
+
+def _need_root() -> None:
+    """The commands that change or read interfaces: one line, before anything is read or done."""
+    from .netconfig import have_net_admin
+
+    if not have_net_admin():
+        raise UsageError(NEEDS_ROOT)
+
+
 def _quick(action: str, args: argparse.Namespace) -> int:
     from . import config, quick
 
+    _need_root()
     try:
         ifname = getattr(quick, action)(args.target)
+        if action == "up" and getattr(args, "wait", None) is not None:
+            print(f"wgpy: {ifname} is up; waiting up to {args.wait:g} s for handshakes", file=sys.stderr)
+            quick.wait_for_handshakes(ifname, args.wait)
     except config.ConfigError as exc:
         print(str(exc), file=sys.stderr)  # already FILE:LINE: message, one per line
         return 1
+    except quick.Interrupted as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except quick.UpError as exc:
         raise UsageError(str(exc)) from None
-    print(f"wgpy: {ifname} is {action}", file=sys.stderr)
+    print(f"wgpy: {ifname} is {action}" + (" (handshakes done)" if getattr(args, "wait", None) is not None else ""),
+          file=sys.stderr)
     return 0
 
 
@@ -93,21 +113,25 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     from . import show, uapi
 
-    names = [args.ifname] if args.ifname else uapi.list_interfaces()
+    _need_root()
+    one = args.ifname not in (None, "all")  # `wgpy show all` is `wgpy show`, as with wg
+    names = [args.ifname] if one else uapi.list_interfaces()
     statuses = []
+    failed = False
     for name in names:
         try:
             statuses.append(uapi.get_status(name))
         except uapi.ControlError as exc:
-            if args.ifname:
+            if one:
                 raise UsageError(str(exc)) from None
-            print(f"{PROG}: {exc}", file=sys.stderr)  # a dead socket: show the others
+            print(f"{PROG}: {exc}", file=sys.stderr)  # a dead socket: show the others, then fail
+            failed = True
     now = time.time()
     if args.json:
         print(show.as_json(statuses, now))
-    else:
+    elif statuses:  # no interfaces: print nothing, as wg does
         print("\n\n".join(show.format_text(st, now) for st in statuses))
-    return 0
+    return 1 if failed else 0
 
 
 SET_USAGE = ("usage: wgpy set IFNAME peer PUBKEY bridge URI|FILE|off|via PUBKEY|off "
@@ -136,6 +160,7 @@ def cmd_set(args: argparse.Namespace) -> int:
     from . import quick, uapi
     from .netconfig import NetError
 
+    _need_root()
     words = args.settings
     if not words or len(words) % 4:
         raise UsageError(SET_USAGE)
@@ -165,10 +190,18 @@ def cmd_set(args: argparse.Namespace) -> int:
     return 0
 
 
+BRIDGE_USAGE = ("usage: wgpy bridge serve [--listen URI ...] [--config FILE] [--allow HOST:PORT ...] [-v]\n"
+                "  serve: run a bridge server (Shadowsocks, udp2tcp) in front of WireGuard; "
+                "`wgpy bridge serve --help` for its options")
+
+
 def cmd_bridge(args: argparse.Namespace) -> int:
     rest = args.bridge_args
+    if rest and rest[0] in ("-h", "--help"):
+        print(BRIDGE_USAGE)
+        return 0
     if not rest or rest[0] != "serve":
-        raise UsageError("usage: wgpy bridge serve --listen URI [--listen URI ...] [--allow HOST:PORT ...]")
+        raise UsageError(BRIDGE_USAGE)
     from bridge.serve import main as serve_main
 
     return serve_main(rest[1:])
@@ -180,8 +213,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
+def version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+
+        return dist_version("wgpy")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Userspace WireGuard.")
+    p.add_argument("--version", action="version", version=f"{PROG} {version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, func, helptext in (
@@ -194,12 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
     sp = sub.add_parser("up", help="bring up a tunnel from a wg-quick style config (CONFIG path or NAME)")
     sp.add_argument("target", metavar="CONFIG|NAME", help="a config file, or NAME for /etc/wireguard/NAME.conf")
+    sp.add_argument("--wait", nargs="?", type=float, const=WAIT_DEFAULT, default=None, metavar="SECONDS",
+                    help="then wait for a handshake with every peer that has an endpoint "
+                         f"(default {WAIT_DEFAULT:g} s); exit 1 with the reason if one does not complete")
     sp.set_defaults(func=cmd_up)
     sp = sub.add_parser("down", help="take down a tunnel brought up by `wgpy up`, restoring the host")
     sp.add_argument("target", metavar="CONFIG|NAME")
     sp.set_defaults(func=cmd_down)
     sp = sub.add_parser("show", help="show interfaces like `wg show`")
-    sp.add_argument("ifname", nargs="?", metavar="IFNAME")
+    sp.add_argument("ifname", nargs="?", metavar="IFNAME|all")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_show)
     sp = sub.add_parser("set", help="bridge a peer of a running interface, or reach it through another: "
@@ -207,7 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("ifname", metavar="IFNAME")
     sp.add_argument("settings", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_set)
-    sp = sub.add_parser("bridge", help="bridge servers: `wgpy bridge serve --listen URI ...`", add_help=False)
+    # prefix_chars: no argument is an option of `bridge` itself, so `--help` and the like reach
+    # cmd_bridge (argparse.REMAINDER does not take a first argument that looks like an option).
+    sp = sub.add_parser("bridge", help="bridge servers: `wgpy bridge serve --listen URI ...`", add_help=False,
+                        prefix_chars="\0")
     sp.add_argument("bridge_args", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_bridge)
     sp = sub.add_parser("bench", help="benchmarks (see `wgpy bench --help`)", add_help=False)
@@ -224,6 +273,16 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        from .netconfig import NetError, is_permission_error
+
+        if isinstance(exc, (NetError, OSError)) and is_permission_error(exc):
+            print(f"{PROG}: {NEEDS_ROOT}", file=sys.stderr)
+            return 1
+        if isinstance(exc, NetError):
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -3,7 +3,8 @@
 
 Without -f the command returns once the TUN device and /var/run/wireguard/IFNAME.sock exist, with
 the daemon running in the background and logging to /var/log/wgpy/IFNAME.log. It exits on
-SIGINT/SIGTERM, when the link is deleted, or when its socket file is removed.
+SIGINT/SIGTERM, when the link is deleted, or when its socket file is removed. The log file is
+created only when there is something to log (LOG_LEVEL, below).
 """
 
 from __future__ import annotations
@@ -27,16 +28,38 @@ def _log_level() -> int:
     return LEVELS.get(os.environ.get("LOG_LEVEL", "error").strip().lower(), logging.ERROR)
 
 
+class _LazyFileHandler(logging.StreamHandler):
+    """Appends to `path` (0600), opened at the first record: a daemon with nothing to say leaves
+    no empty file behind."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(None)
+        self.path = path
+        self.stream = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:
+            try:
+                os.makedirs(LOG_DIR, mode=0o700, exist_ok=True)
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                self.stream = os.fdopen(fd, "a", buffering=1)
+            except OSError:
+                self.handleError(record)
+                return
+        super().emit(record)
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            super().flush()
+
+
 def _setup_logging(ifname: str, foreground: bool) -> None:
     root = logging.getLogger()
     root.handlers.clear()
     if foreground:
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
     else:
-        os.makedirs(LOG_DIR, mode=0o700, exist_ok=True)
-        path = os.path.join(LOG_DIR, f"{ifname}.log")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+        handler = _LazyFileHandler(os.path.join(LOG_DIR, f"{ifname}.log"))
     handler.setFormatter(logging.Formatter(f"%(asctime)s wgpy({ifname}) %(levelname)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(_log_level())
@@ -71,12 +94,19 @@ async def _serve(ifname: str, ready) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import version
+    from .netconfig import have_net_admin
+
     p = argparse.ArgumentParser(prog="wgpy-daemon", description="Userspace WireGuard interface (wireguard-go compatible).")
+    p.add_argument("--version", action="version", version=f"wgpy-daemon {version()}")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     p.add_argument("ifname", metavar="IFNAME")
     args = p.parse_args(argv)
     if not valid_ifname(args.ifname):
         print(f"wgpy-daemon: invalid interface name {args.ifname!r}", file=sys.stderr)
+        return 1
+    if not have_net_admin():
+        print("wgpy-daemon: needs root (CAP_NET_ADMIN)", file=sys.stderr)
         return 1
     if args.foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1":
         _setup_logging(args.ifname, foreground=True)
@@ -104,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
-    try:
-        _setup_logging(args.ifname, foreground=False)
-    except OSError as exc:
-        os.write(wfd, f"cannot open log: {exc.strerror}".encode())
-        os._exit(1)
+    _setup_logging(args.ifname, foreground=False)
 
     def ready(error):
         nonlocal wfd

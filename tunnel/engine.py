@@ -108,11 +108,18 @@ class Engine:
         return self.udp.fwmark
 
     def set_listen_port(self, port: int) -> None:
-        if self.udp.port and port == self._listen_port and port != 0:
+        """Compared with the port actually bound, not the one last asked for: a port first
+        chosen at random (0) and sent back by `wg set listen-port` or `wg syncconf` is no
+        change. Otherwise rebind (UdpTransport.bind closes the old sockets first, as
+        wireguard-go, and on failure binds the old port again and raises)."""
+        if port != 0 and port == self.udp.port:
             return
-        self.udp.bind(port)  # raises OSError, leaving the old binding serving
-        self._listen_port = port
-        self._serve(self.udp)  # the old receive functions ended with their sockets
+        try:
+            self.udp.bind(port)
+        finally:
+            self._listen_port = self.udp.port
+            if self.udp.port:
+                self._serve(self.udp)  # the old receive functions ended with their sockets
 
     def set_fwmark(self, mark: int) -> None:
         self.udp.set_fwmark(mark)
@@ -472,7 +479,9 @@ class Engine:
             except OSError as exc:
                 # Deleting the link (`wg-quick down`, `ip link del`) fails the read before the
                 # link watcher hears of it: that is a normal stop, not a failure.
-                gone = self.ifindex is not None and not os.path.exists(f"/sys/class/net/{self.ifname}")
+                # The kernel answers EBADFD once the device is gone, even while /sys still shows it.
+                gone = self.ifindex is not None and (
+                    exc.errno in (errno.EBADFD, errno.EIO) or not os.path.exists(f"/sys/class/net/{self.ifname}"))
                 self.stop("interface deleted" if gone else f"TUN read failed: {exc.strerror}")
                 return
             out = device.outbound(batch, trio.current_time())

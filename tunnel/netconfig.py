@@ -1,24 +1,48 @@
 """Host network changes for `wgpy up`, each recorded with its exact inverse.
 
-The journal is written to /run/wgpy/IFNAME.json (0600) after every step, so `wgpy down`, or a failed
-`up` cleaning up after itself, undoes precisely what was done and nothing else, even after a crash.
+The journal is written to /run/wgpy/net-INODE/IFNAME.json (0600) after every step, so `wgpy down`,
+or a failed `up` cleaning up after itself, undoes precisely what was done and nothing else, even
+after a crash. INODE is the network namespace's (os.stat("/proc/self/ns/net")): /run is shared by
+every namespace, and each has its own interfaces, so each gets its own journals.
 Commands are run with `ip`, `sysctl` and `nft`, like wg-quick; their errors are reported verbatim.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
+import signal
+import socket
+import stat
+import struct
 import subprocess
 from dataclasses import dataclass, field
+from typing import Iterator
 
 STATE_DIR = "/run/wgpy"
+CAP_NET_ADMIN = 12
 RESOLV_CONF = "/etc/resolv.conf"
 
 
 class NetError(Exception):
     pass
+
+
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP held back for the block (delivered when it ends): a change to
+    the host and its journal entry happen both or neither."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def run(argv: list[str], *, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -33,19 +57,33 @@ def run(argv: list[str], *, input: str | None = None, check: bool = True) -> sub
     return r
 
 
+def netns_inode() -> int:
+    """This process's network namespace, as the inode of /proc/self/ns/net."""
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def state_dir() -> str:
+    """Where this network namespace's journals live: /run/wgpy/net-INODE."""
+    return os.path.join(STATE_DIR, f"net-{netns_inode()}")
+
+
 @dataclass
 class Journal:
     ifname: str
-    state_dir: str = STATE_DIR
+    state_dir: str = ""  # default: this network namespace's (state_dir())
     undo: list[dict] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.state_dir:
+            self.state_dir = state_dir()
 
     @property
     def path(self) -> str:
         return os.path.join(self.state_dir, f"{self.ifname}.json")
 
     @classmethod
-    def load(cls, ifname: str, state_dir: str = STATE_DIR) -> "Journal | None":
+    def load(cls, ifname: str, state_dir: str = "") -> "Journal | None":
         j = cls(ifname, state_dir)
         try:
             with open(j.path) as f:
@@ -58,6 +96,7 @@ class Journal:
         return j
 
     def save(self) -> None:
+        os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         tmp = self.path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -70,6 +109,11 @@ class Journal:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        if self.state_dir.startswith(STATE_DIR + "/net-"):
+            try:
+                os.rmdir(self.state_dir)  # the namespace's last tunnel: leave nothing behind
+            except OSError:
+                pass
 
     def record(self, entry: dict) -> None:
         self.undo.append(entry)
@@ -79,9 +123,10 @@ class Journal:
             may_fail: bool = False) -> None:
         """Run `argv`; on success record `undo` (run in reverse order by `rollback`). `may_fail`:
         the undo may find its work already done (e.g. an address gone with its link)."""
-        run(argv, input=input)
-        if undo is not None:
-            self.record({"cmd": undo, "may_fail": may_fail} if may_fail else {"cmd": undo})
+        with signals_deferred():
+            run(argv, input=input)
+            if undo is not None:
+                self.record({"cmd": undo, "may_fail": may_fail} if may_fail else {"cmd": undo})
 
     def rollback(self) -> list[str]:
         """Undo everything, newest first. Returns what could not be undone (never raises)."""
@@ -123,8 +168,9 @@ def set_sysctl(journal: Journal, name: str, value: str) -> None:
     old = read_sysctl(name)
     if old == value:
         return
-    write_sysctl(name, value)
-    journal.record({"sysctl": name, "value": old})
+    with signals_deferred():
+        write_sysctl(name, value)
+        journal.record({"sysctl": name, "value": old})
 
 
 # ---------------------------------------------------------------- files (resolv.conf)
@@ -184,7 +230,97 @@ def restore_file(entry: dict) -> None:
 # ---------------------------------------------------------------- queries
 
 def link_exists(ifname: str) -> bool:
-    return os.path.exists(f"/sys/class/net/{ifname}")
+    """Whether this network namespace has a link `ifname` (asked over netlink: /sys may show
+    another namespace's links, e.g. after `nsenter --net` without remounting it)."""
+    return link_kind(ifname) is not None
+
+
+def link_kind(ifname: str) -> str | None:
+    """None if there is no such link in this namespace; else its kind as `ip -d link` names it
+    ("tun" for a TUN device such as wgpy-daemon's and wireguard-go's, "wireguard" for the
+    kernel's, "veth", "bridge"..., "" for a plain device such as lo)."""
+    r = run(["ip", "-d", "-j", "link", "show", "dev", ifname], check=False)
+    if r.returncode != 0:
+        if "does not exist" in r.stderr or "Cannot find device" in r.stderr:
+            return None
+        raise NetError(f"`ip link show dev {ifname}` failed: {(r.stderr or r.stdout).strip()}")
+    try:
+        info = json.loads(r.stdout)[0].get("linkinfo", {})
+    except (ValueError, IndexError, AttributeError):
+        return ""
+    return str(info.get("info_kind", ""))
+
+
+def probe_socket(path: str) -> tuple[str, int | None]:
+    """A UAPI socket's state: ("absent", None), ("stale", None) (nobody listens: its daemon
+    died), ("live", PID of the process that listens) or ("other", None) (not a socket).
+    Raises OSError (e.g. EACCES when not root)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "absent", None
+    if not stat.S_ISSOCK(st.st_mode):
+        return "other", None
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return "stale", None
+    except FileNotFoundError:
+        return "absent", None
+    except socket.timeout:
+        return "live", None  # a backlog full of clients: someone listens
+    else:
+        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return "live", struct.unpack("3i", creds)[0] or None
+    finally:
+        probe.close()
+
+
+def remove_stale_socket(path: str) -> bool:
+    """Remove `path` if it is a UAPI socket nobody listens on (left by a daemon that was killed).
+    True if it was removed."""
+    state, _ = probe_socket(path)
+    if state != "stale":
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return True
+
+
+def same_netns(pid: int) -> bool | None:
+    """Whether process `pid` lives in this network namespace (None: cannot tell)."""
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/net")
+        ours = os.stat("/proc/self/ns/net")
+    except OSError:
+        return None
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def have_net_admin() -> bool:
+    """Root, or CAP_NET_ADMIN in the effective set: what creating links and routes takes."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def is_permission_error(exc: BaseException) -> bool:
+    """An OSError or a command's failure that comes from missing privileges."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.EACCES, errno.EPERM)
+    text = str(exc)
+    return any(s in text for s in ("Operation not permitted", "Permission denied", "[Errno 13]", "[Errno 1]"))
 
 
 def route_mtu_towards(address: str | None, mark: int = 0) -> int | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +37,26 @@ DEFAULT_TABLE = 51820
 
 class UpError(Exception):
     pass
+
+
+class Interrupted(UpError):
+    """`up` stopped by SIGINT, SIGTERM or SIGHUP, after undoing what it had done."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class _Signal(BaseException):
+    """Raised by the signal handler `up` installs; becomes Interrupted once rolled back."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame) -> None:
+    raise _Signal(signum)
 
 
 def _hook(commands: list[str], ifname: str, what: str) -> None:
@@ -245,6 +266,27 @@ def _bridge_mtu(spec: BridgeSpec, target: tuple[str, int] | None, fwmark: int) -
     return path - TUNNEL_OVERHEAD - spec.overhead(target or ("127.0.0.1", 51820))
 
 
+def _claim_name(ifname: str, *, out=print) -> None:
+    """Refuse a name in use here; remove a control socket whose daemon died (SIGKILL, OOM);
+    name the real problem when the socket belongs to another network namespace's interface
+    (/var/run/wireguard is shared by all namespaces: it is where `wg` looks)."""
+    if netconfig.link_exists(ifname):
+        raise UpError(f"`{ifname}' already exists")
+    path = uapi.socket_path(ifname)
+    state, pid = netconfig.probe_socket(path)
+    if state == "stale":
+        os.unlink(path)
+        out(f"wgpy: removed {path}, left by a daemon that was killed", file=sys.stderr)
+    elif state == "other":
+        raise UpError(f"`{ifname}' already exists: {path} is not a socket")
+    elif state == "live":
+        if pid is not None and netconfig.same_netns(pid) is False:
+            raise UpError(f"`{ifname}' is in use in another network namespace: its control socket {path} is "
+                          "shared by all namespaces (it is where `wg` looks), so each name can exist in only "
+                          "one; use another name here")
+        raise UpError(f"`{ifname}' already exists (a daemon answers on {path})")
+
+
 def _wait_for_socket(ifname: str, timeout: float = 10.0) -> None:
     path = uapi.socket_path(ifname)
     deadline = time.monotonic() + timeout
@@ -393,8 +435,7 @@ def up(target: str, *, out=print) -> str:
     cfg, warnings = wgconfig.load_config(path)
     for w in warnings:
         out(w, file=sys.stderr)
-    if netconfig.link_exists(ifname) or os.path.exists(uapi.socket_path(ifname)):
-        raise UpError(f"`{ifname}' already exists")
+    _claim_name(ifname, out=out)
     endpoints = resolve_endpoints(cfg)
     nest = wgconfig.nesting(cfg, endpoints)  # detection on the resolved endpoints
     bridges = bridge_plan(cfg, endpoints)
@@ -408,21 +449,36 @@ def up(target: str, *, out=print) -> str:
         while netconfig.table_in_use(fwmark):
             fwmark += 1
 
-    stale = Journal.load(ifname)
-    if stale is not None:  # left by a crash: the interface is gone, so undo what remains
-        stale.rollback()
-        stale.remove()
-    journal = Journal(ifname)
-    journal.meta = {"config": path, "pre_down": iface.pre_down, "post_down": iface.post_down,
-                    "save_config": iface.save_config}
-    journal.save()
+    # SIGINT, SIGTERM or SIGHUP from here on (a slow PostUp, Ctrl-C): undo, say so, fail.
+    handlers = {signum: signal.signal(signum, _on_signal) for signum in netconfig.INTERRUPTS}
     try:
+        return _up(ifname, path, cfg, endpoints, bridges, mtu, exit_hosts, fwmark, out=out)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _up(ifname: str, path: str, cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]],
+        bridges: dict[int, BridgeSpec], mtu: int, exit_hosts: set, fwmark: int, *, out=print) -> str:
+    iface = cfg.interface
+    journal = None
+    try:
+        with netconfig.signals_deferred():
+            stale = Journal.load(ifname)
+            if stale is not None:  # left by a crash: the interface is gone, so undo what remains
+                stale.rollback()
+                stale.remove()
+            journal = Journal(ifname)
+            journal.meta = {"config": path, "pre_down": iface.pre_down, "post_down": iface.post_down,
+                            "save_config": iface.save_config}
+            # Recorded before the daemon starts: an interruption while it starts still undoes it.
+            journal.undo.append({"cmd": ["ip", "link", "del", "dev", ifname], "may_fail": True})
+            journal.save()
         _hook(iface.pre_up, ifname, "PreUp")
         out(f"[#] {WGPY_DAEMON} {ifname}", file=sys.stderr)
         r = subprocess.run([WGPY_DAEMON, ifname], capture_output=True, text=True, timeout=30)
         if r.returncode != 0:
             raise UpError(r.stderr.strip() or f"wgpy-daemon {ifname} failed")
-        journal.record({"cmd": ["ip", "link", "del", "dev", ifname], "may_fail": True})
         _wait_for_socket(ifname)
 
         lines = wgconfig.uapi_set_lines(cfg, endpoints, {i: spec.uri for i, spec in bridges.items()})
@@ -458,13 +514,24 @@ def up(target: str, *, out=print) -> str:
                     journal.cmd(["ip", fam, "route", "add", str(net), "dev", ifname], None)
 
         _hook(iface.post_up, ifname, "PostUp")
-    except (UpError, NetError, uapi.ControlError, OSError, subprocess.TimeoutExpired) as exc:
-        problems = journal.rollback()
-        journal.remove()
-        _wait_daemon_gone(ifname)
-        msg = str(exc)
+    except (_Signal, UpError, NetError, uapi.ControlError, OSError, subprocess.TimeoutExpired) as exc:
+        for signum in netconfig.INTERRUPTS:  # a second Ctrl-C must not stop the undoing
+            signal.signal(signum, signal.SIG_IGN)
+        problems = []
+        if journal is not None:
+            problems = journal.rollback()
+            journal.remove()
+            _wait_daemon_gone(ifname)
+        if isinstance(exc, _Signal):
+            name = signal.Signals(exc.signum).name
+            msg = (f"interrupted by {name}: everything `up` had done was undone" if journal is not None
+                   else f"interrupted by {name}: nothing was changed")
+        else:
+            msg = str(exc)
         if problems:
             msg += "\nwhile undoing: " + "; ".join(problems)
+        if isinstance(exc, _Signal):
+            raise Interrupted(exc.signum, msg) from None
         raise UpError(msg) from None
     return ifname
 
@@ -479,7 +546,8 @@ def _set_dns(journal: Journal, ifname: str, iface) -> None:
                     ["resolvconf", "-d", f"tun.{ifname}", "-f"], input=text)
     else:
         header = f"# written by wgpy up {ifname}; restored by wgpy down {ifname}\n"
-        netconfig.replace_file(journal, netconfig.RESOLV_CONF, header + text)
+        with netconfig.signals_deferred():
+            netconfig.replace_file(journal, netconfig.RESOLV_CONF, header + text)
 
 
 def save_config(ifname: str, path: str) -> None:
@@ -522,39 +590,130 @@ def save_config(ifname: str, path: str) -> None:
 
 
 def _wait_daemon_gone(ifname: str, timeout: float = 5.0) -> None:
+    """Wait for this namespace's daemon of `ifname` to exit (it does when its link is deleted);
+    remove its control socket if it was killed and left it. Another namespace's daemon behind
+    the same (shared) socket path is left alone."""
     path = uapi.socket_path(ifname)
     deadline = time.monotonic() + timeout
-    while os.path.exists(path) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        try:
+            state, pid = netconfig.probe_socket(path)
+        except OSError:
+            return
+        if state == "stale":
+            netconfig.remove_stale_socket(path)
+            return
+        if state != "live" or (pid is not None and netconfig.same_netns(pid) is False):
+            return
         time.sleep(0.05)
 
 
+def _is_wgpy_daemon(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(os.path.basename(a) == b"wgpy-daemon" or a == b"tunnel.daemon" for a in argv[:3])
+
+
 def down(target: str, *, out=print) -> str:
+    """Undo what `up` recorded in this network namespace's journal, whatever else fails (a
+    SaveConfig that cannot be written, a hook, a daemon that was killed), and report it all.
+    Without a journal, only a TUN link with a wgpy-daemon behind it in this namespace is
+    removed; anything else is refused, untouched."""
     ifname, _ = wgconfig.interface_name_for(target)
     journal = Journal.load(ifname)
+    path = uapi.socket_path(ifname)
+    state, pid = netconfig.probe_socket(path)
+    here = state == "live" and pid is not None and netconfig.same_netns(pid) is True
     if journal is None:
-        if netconfig.link_exists(ifname):
+        kind = netconfig.link_kind(ifname)
+        if kind == "tun" and here and _is_wgpy_daemon(pid):
             run(["ip", "link", "del", "dev", ifname])
             _wait_daemon_gone(ifname)
             out(f"wgpy: `{ifname}' was not brought up by wgpy up: removed the interface only", file=sys.stderr)
             return ifname
-        raise UpError(f"`{ifname}' is not a WireGuard interface brought up by wgpy")
+        if kind is None and state == "stale":
+            netconfig.remove_stale_socket(path)
+            out(f"wgpy: `{ifname}' does not exist: removed {path}, left by a daemon that was killed",
+                file=sys.stderr)
+            return ifname
+        if kind is None:
+            why = "no such interface in this network namespace"
+        elif kind == "tun" and here:
+            why = "its daemon is not wgpy-daemon (wireguard-go?); use `ip link del` if you mean it"
+        else:
+            why = f"it is a {kind or 'plain'} link" + ("" if kind != "tun" else " without a wgpy daemon")
+        raise UpError(f"`{ifname}' is not a WireGuard interface brought up by wgpy ({why}); nothing was changed")
     problems = []
     if journal.meta.get("save_config"):
         try:
+            if not here:
+                raise uapi.ControlError(f"{ifname}: its daemon is not running (killed?): the file was left as it was")
             save_config(ifname, journal.meta["config"])
-        except (OSError, ValueError, uapi.ControlError, wgconfig.ConfigError) as exc:
-            problems.append(f"SaveConfig: {exc}")
+        except Exception as exc:  # never stops the rollback: report it
+            known = (UpError, NetError, uapi.ControlError, OSError, wgconfig.ConfigError)
+            why = str(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}"
+            problems.append(f"SaveConfig: {why}")
     try:
         _hook(journal.meta.get("pre_down", []), ifname, "PreDown")
-    except UpError as exc:
+    except (UpError, OSError, subprocess.TimeoutExpired) as exc:
         problems.append(str(exc))
     problems += journal.rollback()
     journal.remove()
     _wait_daemon_gone(ifname)
     try:
         _hook(journal.meta.get("post_down", []), ifname, "PostDown")
-    except UpError as exc:
+    except (UpError, OSError, subprocess.TimeoutExpired) as exc:
         problems.append(str(exc))
     if problems:
-        raise UpError("; ".join(problems))
+        raise UpError("; ".join(problems) + " (the rest was undone)")
     return ifname
+
+
+def _nudge(ifname: str, nets: list) -> None:
+    """Send one empty UDP datagram into the tunnel towards an address of each of `nets` (a
+    peer's allowed ips): WireGuard starts a handshake for the first packet to a peer. The
+    socket is bound to the interface, so it goes into the tunnel whatever the routes say."""
+    for net in nets:
+        host = net.network_address + (1 if net.num_addresses > 2 else 0)
+        family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+                s.sendto(b"", (str(host), 9))  # the discard port
+            return
+        except OSError:
+            continue
+
+
+def wait_for_handshakes(ifname: str, timeout: float, *, out=print) -> None:
+    """`wgpy up --wait`: return once every peer with an endpoint has completed a handshake;
+    UpError naming the peers that have not within `timeout` seconds (or when the daemon goes)."""
+    deadline = time.monotonic() + timeout
+    nudged = 0.0
+    while True:
+        try:
+            status = uapi.get_status(ifname)
+        except uapi.ControlError as exc:
+            raise UpError(f"while waiting for handshakes: {exc}") from None
+        waiting = [p for p in status.peers if p.endpoint is not None and not p.latest_handshake]
+        if not any(p.endpoint is not None for p in status.peers):
+            out(f"wgpy: {ifname}: no peer has an endpoint: nothing to wait for", file=sys.stderr)
+            return
+        if not waiting:
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            names = ", ".join(f"{_b64(p.public_key)} ({p.endpoint[0]}:{p.endpoint[1]})" for p in waiting)
+            raise UpError(f"{ifname}: no handshake within {timeout:g} s with peer {names}: check that the endpoint "
+                          "is reachable over UDP and that each side has the other's public key "
+                          f"(the tunnel stays up; `wgpy down {ifname}` removes it)")
+        if now - nudged >= 1.0:
+            for p in waiting:
+                _nudge(ifname, p.allowed_ips)
+            nudged = now
+        time.sleep(min(0.1, max(0.0, deadline - now)))

@@ -5,7 +5,7 @@ through a Shadowsocks server. No sockets, no clock reads: callers pass `now` in.
     cipher       methods, EVP_BytesToKey / HKDF-SHA1 / BLAKE3 keys, AEAD-2017 UDP packets
     stream       TCP streams, AEAD-2017 and 2022 (TcpEncryptor / TcpDecryptor)
     udp2022      Shadowsocks 2022 UDP sessions (Udp2022Client / Udp2022Server)
-    salt_filter  a server's time-bounded, memory-bounded memory of salts (replay defence)
+    salt_filter  a server's count-bounded, memory-bounded memory of salts (replay defence)
     uri          SIP002 ss:// URIs
     errors       ShadowsocksError and its subclasses: untrusted bytes raise ProtocolError only
 """

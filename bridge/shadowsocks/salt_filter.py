@@ -1,70 +1,54 @@
 """A server's memory of the salts it has accepted, so that a replayed packet or stream is dropped.
 
-Two exact sets (no Bloom filter: SIP022 forbids false positives) cover two consecutive epochs of
-`ttl` seconds; each new epoch drops the older set. So a salt is remembered for at least `ttl` and
-at most 2*ttl seconds, which is what shadowsocks-libev's ping-pong Bloom filter does by count.
-Memory is bounded: each set holds at most max_entries/2 salts; when the newer one is full it is
-rotated early (as libev does), which forgets the oldest salts before their time. That is counted
-in `early_rotations`; size max_entries for the salt rate you expect (one per UDP packet for
-AEAD-2017, one per stream otherwise) times 2*ttl.
+Bounded by count, not by time, as shadowsocks-libev's ping-pong Bloom filter is: two exact sets
+(no Bloom filter: SIP022 forbids false positives) of at most max_entries/2 salts each. New salts
+go into the current set; when it is full, the older set is dropped and the current one becomes
+the older. So a salt is remembered until at least max_entries/2 (and at most max_entries)
+newer salts have been recorded after it, however long that takes.
 
-SIP022 asks servers to keep salts for 60 s, the default. Any monotonic-enough clock works for
-`now`, as long as it is the same one on every call; a clock going backwards never rotates.
+Why not by time: AEAD-2017 streams carry no timestamp, so a filter that forgets after 60-120 s
+lets a recorded stream be replayed later and accepted. Size max_entries for the memory you can
+spend (each salt costs ~120 bytes in a Python set); the count of salts forgotten is in
+`rotations` (each rotation forgets at most max_entries/2).
+
+`now` is accepted by `seen` and `contains` for the callers' sake (2022 streams and packets also
+check a timestamp there) and ignored.
 """
 
 from __future__ import annotations
 
-import math
-
 from .errors import UsageError
 
-DEFAULT_TTL = 60.0
 DEFAULT_MAX_ENTRIES = 1 << 20
 
 
 class SaltFilter:
-    __slots__ = ("ttl", "max_entries", "_current", "_previous", "_epoch", "early_rotations")
+    __slots__ = ("max_entries", "_current", "_previous", "rotations")
 
-    def __init__(self, ttl: float = DEFAULT_TTL, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
-        if not (isinstance(ttl, (int, float)) and math.isfinite(ttl) and ttl > 0):
-            raise UsageError("ttl must be a positive number of seconds")
-        if not isinstance(max_entries, int) or max_entries < 2:
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries < 2:
             raise UsageError("max_entries must be an int >= 2")
-        self.ttl = float(ttl)
         self.max_entries = max_entries
         self._current: set[bytes] = set()
         self._previous: set[bytes] = set()
-        self._epoch: int | None = None
-        self.early_rotations = 0
+        self.rotations = 0
 
     def __len__(self) -> int:
         return len(self._current) + len(self._previous)
 
-    def _advance(self, now: float) -> None:
-        epoch = math.floor(now / self.ttl)
-        if self._epoch is None:
-            self._epoch = epoch
-        elif epoch == self._epoch + 1:
-            self._previous, self._current = self._current, set()
-            self._epoch = epoch
-        elif epoch > self._epoch + 1:
-            self._previous, self._current = set(), set()
-            self._epoch = epoch
-        # epoch <= self._epoch: same epoch, or the clock went back: nothing to do
-
-    def contains(self, salt: bytes, now: float) -> bool:
+    def contains(self, salt: bytes, now: float | None = None) -> bool:
         """Whether `salt` is remembered, without recording it."""
-        self._advance(now)
+        salt = bytes(salt)
         return salt in self._current or salt in self._previous
 
-    def seen(self, salt: bytes, now: float) -> bool:
-        """True if `salt` was recorded within the window (a replay); otherwise record it and
-        return False. Call it only for authentic packets/streams, so forgeries cannot fill it."""
+    def seen(self, salt: bytes, now: float | None = None) -> bool:
+        """True if `salt` is remembered (a replay); otherwise record it and return False. Call it
+        only for authentic packets/streams, so forgeries cannot fill it."""
         salt = bytes(salt)
-        if self.contains(salt, now):
+        if salt in self._current or salt in self._previous:
             return True
         if len(self._current) >= self.max_entries // 2:
             self._previous, self._current = self._current, set()
-            self.early_rotations += 1
+            self.rotations += 1
         self._current.add(salt)
         return False

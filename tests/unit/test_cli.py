@@ -88,3 +88,71 @@ def test_unwritable_output_is_one_line_error(tmp_path):
     r = run(["genkey", "-o", str(tmp_path / "missing" / "k")])
     assert r.returncode == 1
     assert r.stderr.decode().count("\n") == 1 and "Traceback" not in r.stderr.decode()
+
+
+# ---------------------------------------------------------------- issue 12: messages and exits
+
+def test_version():
+    for module, name in (("tunnel.cli", "wgpy"), ("tunnel.daemon", "wgpy-daemon")):
+        r = run(["--version"], cmd=[sys.executable, "-m", module])
+        assert r.returncode == 0 and r.stdout.decode().startswith(f"{name} "), r.stderr
+
+
+@pytest.fixture
+def no_root_check(monkeypatch):
+    from tunnel import netconfig
+
+    monkeypatch.setattr(netconfig, "have_net_admin", lambda: True, raising=False)
+
+
+def test_show_without_interfaces_prints_nothing(monkeypatch, capsys, no_root_check):
+    from tunnel import cli, uapi
+
+    monkeypatch.setattr(uapi, "list_interfaces", lambda *a: [])
+    assert cli.main(["show"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_show_all_and_failures(monkeypatch, capsys, no_root_check):
+    from tunnel import cli, uapi
+
+    def status(name, *a):
+        if name == "dead":
+            raise uapi.ControlError(f"{name}: cannot connect")
+        return uapi.InterfaceStatus(name)
+
+    monkeypatch.setattr(uapi, "list_interfaces", lambda *a: ["wgx"])
+    monkeypatch.setattr(uapi, "get_status", status)
+    assert cli.main(["show", "all"]) == 0
+    assert "interface: wgx" in capsys.readouterr().out
+    monkeypatch.setattr(uapi, "list_interfaces", lambda *a: ["dead", "wgx"])
+    assert cli.main(["show"]) == 1  # shows the others, but does not pretend all went well
+    out, err = capsys.readouterr()
+    assert "interface: wgx" in out and err == "wgpy: dead: cannot connect\n"
+
+
+@pytest.mark.parametrize("failure", [KeyError("private_key"), "net"])
+def test_down_rolls_back_when_save_config_fails(monkeypatch, tmp_path, capsys, no_root_check, failure):
+    """SaveConfig that raises (no private key, `ip` failing...) is reported; the rollback runs."""
+    from tunnel import cli, netconfig, quick
+
+    ifname = "wgtsave0"
+    left = tmp_path / "made-by-up"
+    left.write_text("x")
+    journal = netconfig.Journal(ifname, str(tmp_path / "state"))
+    journal.meta = {"config": str(tmp_path / f"{ifname}.conf"), "save_config": True}
+    journal.undo = [{"restore_file": str(left), "absent": True}]
+    journal.save()
+    monkeypatch.setattr(quick.Journal, "load", classmethod(lambda cls, name, *a, **k: journal))
+    exc = failure if isinstance(failure, Exception) else netconfig.NetError("`ip -o address show` failed")
+
+    def save_config(*a):
+        raise exc
+
+    monkeypatch.setattr(quick, "save_config", save_config)
+    monkeypatch.setattr(quick.uapi, "socket_path", lambda name, *a: str(tmp_path / f"{name}.sock"))
+    assert cli.main(["down", ifname]) == 1
+    err = capsys.readouterr().err
+    assert "SaveConfig" in err and err.count("\n") == 1, err
+    assert not left.exists()  # undone all the same
+    assert not os.path.exists(journal.path)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from tests.helpers import EP_A, Pair
 from tunnel.noise import Drop
-from tunnel.noise.constants import MSG_COOKIE_REPLY, MSG_INITIATION, REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX
+from tunnel.noise.constants import (
+    HANDSHAKES_PER_BATCH,
+    MSG_COOKIE_REPLY,
+    MSG_INITIATION,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX,
+)
 from tunnel.noise.ratelimit import RateLimiter
 
 
@@ -61,16 +67,34 @@ def test_rate_limit_holds_under_load():
     init = p.sent("a", MSG_INITIATION)[-1].data  # valid mac2 for EP_A
     before = p.b.drops[Drop.RATELIMIT]
     # 100 copies in the same instant from the same source: the bucket (burst 5) has been
-    # partly spent by the accepted retry; everything past the burst is refused.
-    p.b.inbound([(init, EP_A)] * 100, p.now)
+    # partly spent by the accepted retry; everything past the burst is refused. (Sent in
+    # batches within the per-batch handshake budget, as a socket delivers a flood.)
+    send_100 = lambda: [p.b.inbound([(init, EP_A)] * n, p.now) for n in (16,) * 6 + (4,)]  # noqa: E731
+    send_100()
     limited = p.b.drops[Drop.RATELIMIT] - before
     assert 95 <= limited <= 99
     # a second later, ~20 more pass
     p.now += 1.0
     before = p.b.drops[Drop.RATELIMIT]
-    p.b.inbound([(init, EP_A)] * 100, p.now)
+    send_100()
     passed = 100 - (p.b.drops[Drop.RATELIMIT] - before)
     assert 5 <= passed <= 6
+    assert p.b.drops[Drop.HANDSHAKE_BUDGET] == 0
+
+
+def test_handshake_budget_per_batch():
+    """At most HANDSHAKES_PER_BATCH valid-mac1 handshake messages of one batch go on; the rest
+    are dropped and counted, but all count toward under load; invalid mac1 uses no budget."""
+    p = Pair()
+    p.send_a()
+    init = p.sent("a", MSG_INITIATION)[0].data
+    junk = bytearray(init)
+    junk[-20] ^= 1  # mac1 broken
+    batch = [(bytes(junk), EP_A)] * 50 + [(init, EP_A)] * (HANDSHAKES_PER_BATCH + 10)
+    p.b.inbound(batch, p.now)
+    assert p.b.drops[Drop.MAC1] == 50
+    assert p.b.drops[Drop.HANDSHAKE_BUDGET] == 10
+    assert p.b._load_count == HANDSHAKES_PER_BATCH + 10 + 1  # and the first, real, initiation
 
 
 def test_ratelimiter_bucket():

@@ -885,50 +885,64 @@ def test_2022_tcp_wrong_header_type():
 # ====================================================================== salt filter
 
 
-def test_salt_filter_remembers_for_ttl_and_forgets_by_2ttl():
-    f = SaltFilter(ttl=60)
+def test_salt_filter_is_bounded_by_count_not_time():
+    """A salt is remembered however much time passes (AEAD-2017 streams have no timestamp: a
+    recorded stream must not replay after the 60-120 s a time-bounded filter would keep it)."""
+    f = SaltFilter(max_entries=8)
     assert not f.seen(b"a", 0)
-    assert f.seen(b"a", 59.9) and f.seen(b"a", 119.9)  # in the previous epoch: still there
-    assert not f.seen(b"b", 100)
-    assert not f.seen(b"a", 120)  # two epochs on: forgotten (and recorded again)
-    assert f.seen(b"b", 150) and not f.contains(b"c", 150)
-    assert not f.seen(b"b", 1000) and len(f) == 1  # a long silence clears everything
-    assert f.seen(b"b", 10)  # the clock went backwards: no rotation, still remembered
+    assert f.seen(b"a", 59.9) and f.seen(b"a", 119.9)
+    assert f.seen(b"a", 600) and f.seen(b"a", 10**9)  # 10 minutes, 30 years: still a replay
+    assert f.seen(b"a", 10) and f.contains(b"a") and not f.contains(b"b")  # time is ignored
+
+
+def test_salt_filter_forgets_only_after_enough_newer_salts():
+    f = SaltFilter(max_entries=8)
+    assert not f.seen(b"first")
+    for i in range(3):  # 1 + 3 fill the current set (8 // 2)
+        assert not f.seen(bytes([i]))
+    for i in range(3, 7):  # 4 more: "first" is now in the older set, still remembered
+        assert not f.seen(bytes([i]))
+    assert f.seen(b"first") and f.rotations == 1
+    assert not f.seen(b"x")  # the next rotation drops the set holding "first"
+    assert not f.contains(b"first") and f.rotations == 2
 
 
 def test_salt_filter_memory_is_bounded():
-    f = SaltFilter(ttl=60, max_entries=100)
+    f = SaltFilter(max_entries=100)
     for i in range(10_000):
         assert not f.seen(i.to_bytes(4, "big"), 1.0)
         assert len(f) <= 100
-    assert f.early_rotations > 0
+    assert f.rotations > 0
     assert f.seen((9_999).to_bytes(4, "big"), 1.0)  # the newest are still there
     with pytest.raises(UsageError):
-        SaltFilter(ttl=0)
-    with pytest.raises(UsageError):
         SaltFilter(max_entries=1)
+    with pytest.raises(UsageError):
+        SaltFilter(max_entries=True)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 7), st.floats(0, 50)), min_size=1, max_size=60))
-def test_salt_filter_model(steps):
-    """Against a model of the guarantee: while no early rotation happened, a salt recorded at t
-    is reported at any later time < t + ttl, and never after t + 2*ttl."""
-    ttl = 20.0
-    f = SaltFilter(ttl=ttl, max_entries=64)
-    recorded: dict[int, float] = {}
-    now = 0.0
-    for salt, dt in steps:
-        now += dt
-        last = recorded.get(salt)
-        result = f.seen(bytes((salt,)), now)
-        if last is not None and now - last < ttl:
-            assert result
-        if last is None or now - last >= 2 * ttl:
+@given(st.lists(st.integers(0, 200), min_size=1, max_size=300))
+def test_salt_filter_model(salts):
+    """Against a model of the guarantee: a salt recorded is reported as long as fewer than
+    max_entries/2 other salts were recorded after it, and never once max_entries were."""
+    n = 16
+    f = SaltFilter(max_entries=n)
+    recorded: dict[int, int] = {}  # salt -> count of recordings when it was recorded
+    count = 0
+    for salt in salts:
+        result = f.seen(bytes((salt,)))
+        if salt in recorded:
+            newer = count - recorded[salt] - 1
+            if newer < n // 2:
+                assert result
+            if newer >= n:
+                assert not result
+        else:
             assert not result
         if not result:
-            recorded[salt] = now
-        assert len(f) <= 64
+            recorded[salt] = count
+            count += 1
+        assert len(f) <= n
 
 
 # ====================================================================== SIP002 URIs

@@ -368,6 +368,7 @@ async def test_server_zero_length_frame_and_garbage():
 
 
 async def test_server_connection_limit_and_eof():
+    """Full: the new connection is served and the least recently active one is evicted."""
     async with trio.open_nursery() as nursery:
         server, _, _ = await start_pair(nursery, max_connections=1)
         first = await raw_connect(server.local_address)
@@ -375,10 +376,14 @@ async def test_server_connection_limit_and_eof():
         with trio.fail_after(5):
             assert await first.receive_some() == encode(b"hi")
         second = await raw_connect(server.local_address)
-        assert await read_until_eof(second) == b""  # accepted and closed at once
-        assert server.statistics().refused == 1
-        await first.send_eof()  # the client's EOF ends the relay
-        assert await read_until_eof(first) == b""
+        assert await read_until_eof(first) == b""  # evicted to make room
+        await second.send_all(encode(b"yo"))
+        with trio.fail_after(5):
+            assert await second.receive_some() == encode(b"yo")
+        st = server.statistics()
+        assert st.refused == 0 and st.evicted == 1 and st.active == 1
+        await second.send_eof()  # the client's EOF ends the relay
+        assert await read_until_eof(second) == b""
         with trio.fail_after(5):
             while server.statistics().active:
                 await trio.sleep(0.01)

@@ -38,9 +38,19 @@ STAGED_QUEUE_SIZE = 128
 DEFAULT_MTU = 1420
 
 # Under-load detection. wireguard-go is under load when its handshake queue (1024) is 1/8 full and
-# stays so for a second; without a queue we count handshake messages arriving per second.
+# stays so for a second; without a queue we count handshake messages arriving per second. Only
+# messages of the right size with a valid mac1 count (wireguard-go takes the decision only for a
+# valid-mac1 message, and its workers drain junk from the queue at one BLAKE2s each): junk typed
+# 1 or 2 never puts us under load.
 HANDSHAKE_LOAD_THRESHOLD = 128
 UNDER_LOAD_AFTER_TIME = 1.0
+# Handshake work per received batch. wireguard-go hands handshake messages to worker goroutines
+# through a bounded queue (1024, dropping when full) so transport data never waits for them;
+# one thread here does both, so a batch (at most 128 datagrams, wireguard-go's IdealBatchSize)
+# gives at most 1/8 of itself (wireguard-go's load fraction of its queue) to valid-mac1 handshake
+# messages: the first 16 go on (cookie reply, rate limiter, Noise), the rest are dropped and
+# counted. mac1 is still checked for every one, so junk cannot use up the budget.
+HANDSHAKES_PER_BATCH = 16
 # Per-source handshake rate limit (wireguard-go ratelimiter/).
 RATELIMIT_PACKETS_PER_SECOND = 20
 RATELIMIT_BURST = 5

@@ -30,6 +30,7 @@ from .allowedips import AllowedIPs, Network
 from .constants import (
     DEFAULT_MTU,
     HANDSHAKE_LOAD_THRESHOLD,
+    HANDSHAKES_PER_BATCH,
     INITIATION_SIZE,
     MSG_COOKIE_REPLY,
     MSG_INITIATION,
@@ -59,7 +60,7 @@ from .handshake import (
 )
 from .messages import COOKIE_RECEIVER, INIT_SENDER, RESP_RECEIVER, RESP_SENDER, TRANSPORT_HEADER, u32
 from .peer import Peer
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, source_key
 from .session import Keypair
 from .timers import Action
 
@@ -75,6 +76,7 @@ class Drop:
     BAD_SIZE = "bad handshake message size"
     NO_KEY = "no private key"
     MAC1 = "invalid mac1"
+    HANDSHAKE_BUDGET = "handshake budget of the batch spent"
     COOKIE_SENT = "under load: cookie reply sent"
     RATELIMIT = "under load: rate limited"
     BAD_INITIATION = "initiation rejected"
@@ -112,12 +114,13 @@ def _source_bytes(src: Endpoint) -> bytes:
 
 
 def _source_host(src: Endpoint) -> str:
-    """The rate limiter's key: the source's host (every port of an address shares one bucket)."""
+    """The rate limiter's key: the source's host, an IPv6 one by its /64 (ratelimit.source_key;
+    every port shares one bucket). Never raises: anything else gets a stable key of its own."""
     try:
         host = src[0]
-    except (TypeError, LookupError):
+    except (TypeError, LookupError, KeyError):
         return repr(src)
-    return host if isinstance(host, str) else repr(host)
+    return source_key(host) if isinstance(host, str) else repr(host)
 
 
 def _padded_length(n: int, mtu: int) -> int:
@@ -141,12 +144,14 @@ class Device:
         mtu: int = DEFAULT_MTU,
         rng: Callable[[int], bytes] = os.urandom,
         handshake_load_threshold: int = HANDSHAKE_LOAD_THRESHOLD,
+        handshakes_per_batch: int = HANDSHAKES_PER_BATCH,
         staged_queue_size: int = STAGED_QUEUE_SIZE,
     ) -> None:
         self.wall_offset = wall_offset
         self.mtu = mtu
         self._rng = rng
         self.handshake_load_threshold = handshake_load_threshold
+        self.handshakes_per_batch = handshakes_per_batch
         self.staged_queue_size = staged_queue_size
         self.identity: Identity | None = None
         self.cookie_checker: CookieChecker | None = None
@@ -482,11 +487,20 @@ class Device:
         result = Inbound()
         if not isinstance(datagrams, list):
             datagrams = list(datagrams)
-        n_handshakes = 0
-        for data, _ in datagrams:
-            if len(data) >= 4 and (data[0] == MSG_INITIATION or data[0] == MSG_RESPONSE):
-                n_handshakes += 1
-        under_load = self._note_handshake_load(n_handshakes, now) if n_handshakes else self.under_load(now)
+        # Initiations and responses are screened first, in one pass: size and mac1 (cheap), then
+        # the batch's budget. Only those passing size and mac1 count toward "under load", and the
+        # decision is taken once for the batch, before any of them is acted on.
+        handshakes = [
+            data for data, _ in datagrams
+            if len(data) >= 4 and (data[0] == MSG_INITIATION or data[0] == MSG_RESPONSE)
+            and not (data[1] or data[2] or data[3])
+        ]
+        if handshakes:
+            verdicts, n_valid = self._screen_handshakes(handshakes)
+            verdict = iter(verdicts).__next__
+            under_load = self._note_handshake_load(n_valid, now) if n_valid else self.under_load(now)
+        else:
+            under_load = self.under_load(now)
 
         touched: dict[Peer, bool] = {}  # peer -> data (not only keepalives) received
         # The source of each peer's latest authenticated transport datagram, not yet given to
@@ -513,6 +527,11 @@ class Device:
                 self.drops[Drop.BAD_TYPE] += 1
                 continue
             if mtype != MSG_TRANSPORT:
+                if mtype != MSG_COOKIE_REPLY:
+                    reason = verdict()  # screened above, in the same order
+                    if reason is not None:
+                        drops[reason] += 1
+                        continue
                 if sources:
                     self._apply_sources(sources)
                 self._handshake_message(mtype, data, src, now, under_load, result.to_net)
@@ -615,9 +634,32 @@ class Device:
             self._authenticated_from(peer, src)
         sources.clear()
 
+    def _screen_handshakes(self, messages: list[bytes]) -> tuple[list[str | None], int]:
+        """For each initiation or response of a batch, in order: None if it goes on, else the
+        drop reason (size, no key, mac1, or over the batch's budget); and how many passed size
+        and mac1 (the ones that count toward "under load", the over-budget ones included).
+        mac1 is checked for all of them, so junk never uses up the budget."""
+        verdicts: list[str | None] = []
+        checker = self.cookie_checker
+        budget = self.handshakes_per_batch
+        valid = 0
+        for data in messages:
+            if len(data) != (INITIATION_SIZE if data[0] == MSG_INITIATION else RESPONSE_SIZE):
+                verdicts.append(Drop.BAD_SIZE)
+            elif checker is None or self.identity is None:
+                verdicts.append(Drop.NO_KEY)
+            elif not checker.check_mac1(data):
+                verdicts.append(Drop.MAC1)
+            else:
+                valid += 1
+                verdicts.append(None if valid <= budget else Drop.HANDSHAKE_BUDGET)
+        return verdicts, valid
+
     def _handshake_message(
         self, mtype: int, data: bytes, src: Endpoint, now: float, under_load: bool, out: list[Datagram]
     ) -> None:
+        """One handshake message. An initiation or response has passed _screen_handshakes
+        (size, key, mac1) in this batch."""
         size = len(data)
         if mtype == MSG_COOKIE_REPLY:
             if size != COOKIE_REPLY_SIZE:
@@ -631,15 +673,9 @@ class Device:
             self.stats["cookie replies received"] += 1
             return
 
-        if size != (INITIATION_SIZE if mtype == MSG_INITIATION else RESPONSE_SIZE):
-            self.drops[Drop.BAD_SIZE] += 1
-            return
         identity, checker = self.identity, self.cookie_checker
-        if identity is None or checker is None:
+        if identity is None or checker is None:  # screened; kept for callers that did not
             self.drops[Drop.NO_KEY] += 1
-            return
-        if not checker.check_mac1(data):
-            self.drops[Drop.MAC1] += 1
             return
         if under_load:
             source = _source_bytes(src)

@@ -1,16 +1,37 @@
 """Per-source token bucket for handshake messages under load (wireguard-go ratelimiter/).
 
-Each source IP may pass 20 handshake messages per second with a burst of 5. Memory is bounded:
-idle entries are swept, and when the table is full the source is refused rather than tracked.
+Each source may pass 20 handshake messages per second with a burst of 5. A source is an IPv4
+address, or an IPv6 /64 (as the kernel's ratelimiter.c: one host usually holds a whole /64, so
+keying by full address would give it 2**64 buckets): `source_key`. Memory is bounded: idle
+entries are swept, and when the table is full the source is refused rather than tracked.
 """
 
 from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
 
 from .constants import RATELIMIT_BURST, RATELIMIT_MAX_ENTRIES, RATELIMIT_PACKETS_PER_SECOND
 
 _COST = 1.0 / RATELIMIT_PACKETS_PER_SECOND
 _MAX_TOKENS = _COST * RATELIMIT_BURST
 _IDLE = 1.0  # an entry untouched this long is as good as full: drop it
+
+
+@lru_cache(maxsize=4096)
+def source_key(host: str) -> str:
+    """The bucket of a source host: an IPv4 address as itself, an IPv6 address as its /64
+    ("2001:db8:1:2::/64"; an IPv4-mapped one as its IPv4 address). Anything that is not an IP
+    address is its own bucket (no transport produces one). Never raises."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except (ValueError, TypeError):
+        return repr(host)
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return f"{ipaddress.IPv6Address(ip.packed[:8] + bytes(8))}/64"
 
 
 class RateLimiter:
