@@ -1,19 +1,16 @@
 """The nested (multihop) transport: a peer's datagrams carried inside another peer's tunnel.
-The rules and the IP/UDP codec are bridge/multihop.py (sans-IO); this is the trio side."""
+The rules and the IP/UDP codec are bridge/multihop.py (sans-IO). It makes no syscalls: it hands
+what it seals to the entry peer's transport."""
 
 from __future__ import annotations
 
 from collections import deque
 from typing import Callable
 
-import trio
-
-from transport.base import Datagram, Endpoint, ReceiveFunc, Transport
+from transport.base import Datagram, ReceiveFunc, Transport
 
 from .multihop import udp_packet
 
-BATCH = 128
-RECEIVE_QUEUE = 4096
 
 Seal = Callable[[bytes, list[bytes]], list[Datagram]]  # (entry public key, IP packets) -> datagrams
 Route = Callable[[int], "Transport | None"]  # Endpoint.via -> the transport that reaches it
@@ -27,9 +24,9 @@ class NestedTransport(Transport):
     seal the packets for the entry (`seal`) and hands the result to the entry's own transport
     (`route`), with its back-pressure: sealed datagrams the entry's transport could not take
     wait here, and until they have gone, `send` takes nothing new (it returns it, so the engine
-    waits on `wait_writable`, which flushes them). Replies reach `arrive` from the engine, which
-    picks them out of what the entry delivers; the receive function hands them to the core as
-    datagrams from `Endpoint(exit host, exit port, ident)`."""
+    waits on `wait_writable`, which flushes them). Replies are picked out of what the entry delivers
+    by the engine (Engine._divert) and go to the core as datagrams from the nested peer's endpoint
+    `Endpoint(exit host, exit port, ident)`."""
 
     kind = "nested"
 
@@ -41,8 +38,6 @@ class NestedTransport(Transport):
         self._route = route
         self._source = source
         self._pending: deque[tuple[Transport, list[Datagram]]] = deque()
-        self._inbox: deque[Datagram] = deque()
-        self._arrived = trio.Event()
         self._ip_id = 0
         self.closed = False
         self.blocked = False  # part of a cycle of Vias: nothing can be carried
@@ -113,27 +108,10 @@ class NestedTransport(Transport):
 
     # ---- receiving
 
-    def arrive(self, payload: bytes, source: tuple[str, int]) -> None:
-        """A datagram from the nested peer, unwrapped by the engine."""
-        if len(self._inbox) >= RECEIVE_QUEUE:
-            self.drops.add("receive queue full")
-            return
-        self._inbox.append((payload, Endpoint(source[0], source[1], self.ident)))
-        self._arrived.set()
-
     def receivers(self) -> list[ReceiveFunc]:
-        return [self._receive]
-
-    async def _receive(self) -> list[Datagram]:
-        while not self._inbox:
-            if self.closed:
-                raise trio.ClosedResourceError("transport closed")
-            self._arrived = trio.Event()
-            await self._arrived.wait()
-        q = self._inbox
-        batch = [q.popleft() for _ in range(min(len(q), BATCH))]
-        self.received += len(batch)
-        return batch
+        """None: the nested peer's datagrams arrive inside the entry's packets, and the engine
+        hands them to the core in the same wakeup (Engine._divert), counting them in `received`."""
+        return []
 
     def statistics(self) -> dict:
         return {**super().statistics(), "entry": self.entry.hex()}
@@ -141,4 +119,3 @@ class NestedTransport(Transport):
     def close(self) -> None:
         self.closed = True
         self._pending.clear()
-        self._arrived.set()

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from typing import Callable
 import trio
 
 from bridge.carrier import BridgeTransport, open_bridge
-from bridge.multihop import Reassembler, parse_udp_untrusted
+from bridge.multihop import Reassembler
 from bridge.nested import NestedTransport
 from bridge.spec import BridgeSpec
 from transport.base import UDP, Datagram, Endpoint, ReceiveFunc, Transport
@@ -45,6 +46,8 @@ from .noise import Device
 from .tun import Tun
 
 log = logging.getLogger("wgpy")
+
+_UDP_HEADER = struct.Struct("!HHHH")  # source port, destination port, length, checksum
 
 SOCKET_DIR = "/var/run/wireguard"
 UAPI_IDLE_TIMEOUT = 30.0  # a client that sends nothing for this long is disconnected
@@ -88,7 +91,8 @@ class Engine:
         # their datagrams out of the packets the entry delivers.
         self._via: dict[bytes, bytes] = {}
         self.nested: dict[bytes, NestedTransport] = {}
-        self._nested_by_source: dict[tuple[str, int], NestedTransport] = {}
+        # (packed address, port) of each nested peer's endpoint -> its transport and endpoint.
+        self._nested_by_source: dict[tuple[bytes, int], tuple[NestedTransport, Endpoint]] = {}
         self._nested_hosts: frozenset[bytes] = frozenset()
         self._reassembler = Reassembler()
         # The tunnel's own addresses (inner source of nested datagrams), from rtnetlink or given.
@@ -269,11 +273,11 @@ class Engine:
             endpoint = None if ep is None else Endpoint(ep[0], ep[1], transport.ident)
             device.set_endpoint(peer, endpoint, pinned=True)
         carried: dict[bytes, set[bytes]] = {}
-        by_source: dict[tuple[str, int], NestedTransport] = {}
+        by_source: dict[tuple[bytes, int], tuple[NestedTransport, Endpoint]] = {}
         for pk, transport in self.nested.items():
             ep = peers[pk].endpoint
             if ep is not None:
-                by_source[(ep[0], ep[1])] = transport
+                by_source[(ipaddress.ip_address(ep[0]).packed, ep[1])] = (transport, ep)
                 carried.setdefault(transport.entry, set()).add(ipaddress.ip_address(ep[0]).packed)
         for pk, peer in peers.items():
             if peer.carries or pk in carried:
@@ -308,34 +312,47 @@ class Engine:
                 return (address, self.udp.port)
         return None
 
-    def _divert(self, packets: list[bytes], now: float) -> list[bytes]:
+    def _divert(self, packets: list[bytes], now: float
+                ) -> tuple[list[bytes], dict[NestedTransport, list[Datagram]]]:
         """Pick the nested peers' datagrams out of what the core would write to the TUN: UDP from
-        a nested peer's endpoint to our address and port (IPv4 fragments reassembled first)."""
+        a nested peer's endpoint to our address and port (IPv4 fragments reassembled first).
+        Returns the packets left for the TUN, and each nested transport's datagrams. No UDP
+        checksum check: the payload is a WireGuard message the core authenticates."""
         keep = []
-        hosts = self._nested_hosts
+        hosts, by_source, port = self._nested_hosts, self._nested_by_source, self.udp.port
+        ours = {ipaddress.ip_address(a).packed for a in self.addresses}
+        arrived: dict[NestedTransport, list[Datagram]] = {}
+        unpack = _UDP_HEADER.unpack_from
         for pkt in packets:
             version = pkt[0] >> 4
-            if version == 4 and len(pkt) >= 20 and pkt[9] == 17 and pkt[12:16] in hosts:
+            if version == 4 and len(pkt) >= 28 and pkt[9] == 17 and pkt[12:16] in hosts:
                 if pkt[6] & 0x3F or pkt[7]:  # a fragment
                     whole = self._reassembler.feed_untrusted(pkt, now)
                     if whole is None:
                         continue
                     pkt = whole
-            elif not (version == 6 and len(pkt) >= 48 and pkt[6] == 17 and pkt[8:24] in hosts):
+                start, end = (pkt[0] & 0x0F) * 4, (pkt[2] << 8) | pkt[3]
+                src, dst = pkt[12:16], pkt[16:20]
+            elif version == 6 and len(pkt) >= 48 and pkt[6] == 17 and pkt[8:24] in hosts:
+                start, end = 40, 40 + ((pkt[4] << 8) | pkt[5])
+                src, dst = pkt[8:24], pkt[24:40]
+            else:
                 keep.append(pkt)
                 continue
-            # No checksum check: the payload is a WireGuard message the core authenticates.
-            parsed = parse_udp_untrusted(pkt, verify_checksum=False)
-            if parsed is None:
+            if start < 20 or end > len(pkt) or end < start + 8:
                 keep.append(pkt)
                 continue
-            source, dest, payload = parsed
-            transport = self._nested_by_source.get(source)
-            if transport is None or dest[1] != self.udp.port or dest[0] not in self.addresses:
+            sport, dport, ulen, _ = unpack(pkt, start)
+            hit = by_source.get((src, sport))
+            if hit is None or dport != port or dst not in ours or ulen < 8 or start + ulen > end:
                 keep.append(pkt)
                 continue
-            transport.arrive(payload, source)
-        return keep
+            transport, endpoint = hit
+            batch = arrived.get(transport)
+            if batch is None:
+                batch = arrived[transport] = []
+            batch.append((pkt[start + 8:start + ulen], endpoint))
+        return keep, arrived
 
     # ------------------------------------------------------------ lifecycle
 
@@ -427,12 +444,19 @@ class Engine:
         now = trio.current_time()
         result = self.device.inbound(batch, now)
         self._reschedule_timers()
-        to_tun = result.to_tun
+        to_tun, to_net = result.to_tun, result.to_net
+        arrived = None
         if to_tun and self._nested_hosts:
-            to_tun = self._divert(to_tun, now)
+            to_tun, arrived = self._divert(to_tun, now)
         if to_tun:
             self.tun.write_batch(to_tun)
-        return result.to_net
+        if arrived:
+            # A nested peer's datagrams go through the core in the same wakeup: handing them to
+            # another task would cost a task switch per batch on the multihop receive path.
+            for transport, nested in arrived.items():
+                transport.received += len(nested)
+                to_net = to_net + self._inbound(nested)
+        return to_net
 
     async def _send(self, datagrams: list[Datagram]) -> None:
         """Hand each datagram to the transport its endpoint names. What would block is offered
