@@ -388,10 +388,14 @@ def nested_mtu_limits(cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]
             extra = 0
         path = (netconfig.route_mtu_towards(host) if host is not None else None) \
             or netconfig.route_mtu_towards(None) or 1500
-        fit = path - TUNNEL_OVERHEAD - NEST_OVERHEAD * levels - extra
+        room = path - TUNNEL_OVERHEAD - NEST_OVERHEAD * levels - extra
+        # WireGuard pads what it seals to a multiple of 16 (wireguard-go on the relays too): a
+        # packet of the MTU must still fit after the exit pads it, so the MTU is a multiple of 16.
+        fit = room - room % 16
         layers = f"{levels + 1} layers of WireGuard ({levels + 1} x {TUNNEL_OVERHEAD})"
         why = (f"the path to the entry peer's {what} ({host or 'default route'}) carries {path} bytes, and "
-               f"{layers}{f' plus the bridge ({extra})' if extra else ''} need the rest")
+               f"{layers}{f' plus the bridge ({extra})' if extra else ''} need the rest, "
+               f"rounded down to WireGuard's 16-byte padding")
         out.append((fit, peer.line, why))
     return out
 

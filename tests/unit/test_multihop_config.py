@@ -353,17 +353,17 @@ def plan(text: str, endpoints=None):
 def test_default_mtu_is_the_entry_path_minus_two_layers(routes):
     routes["192.0.2.1"] = 1500
     routes["198.51.100.9"] = 9000  # the exit's address is never routed by the host: not used
-    assert plan(MULLVAD)[2] == 1500 - 80 - 80
+    assert plan(MULLVAD)[2] == 1328  # 1500 - 80 - 80, down to a multiple of 16
 
 
 def test_default_mtu_with_a_bridge_on_the_entry(routes):
     routes["192.0.2.50"] = 1400
     v4 = MULLVAD.replace(", fc00::2/128", "")
     text = v4.replace("AllowedIPs = 198.51.100.9/32", "AllowedIPs = 198.51.100.9/32\nBridge = udp2tcp://192.0.2.50:443")
-    assert plan(text)[2] == 1400 - 160
+    assert plan(text)[2] == 1232  # 1400 - 160, down to a multiple of 16
     ss = v4.replace("AllowedIPs = 198.51.100.9/32",
                          "AllowedIPs = 198.51.100.9/32\nBridge = ss://aes-256-gcm:pw@192.0.2.50:8388")
-    assert plan(ss)[2] == 1400 - 160 - (32 + 7 + 16)
+    assert plan(ss)[2] == 1184  # 1400 - 160 - (32 + 7 + 16), down to a multiple of 16
 
 
 def test_explicit_mtu_that_cannot_fit_says_why(routes):
@@ -372,15 +372,17 @@ def test_explicit_mtu_that_cannot_fit_says_why(routes):
         plan(text)
     msg = str(info.value)
     assert "MTU 1420 cannot fit" in msg and "1500 bytes" in msg and "2 layers of WireGuard (2 x 80)" in msg
-    assert "use MTU = 1340 or less" in msg and f"{PATH}:11" in msg
-    assert plan(text.replace("MTU = 1420", "MTU = 1340"))[2] == 1340
+    assert "use MTU = 1328 or less" in msg and f"{PATH}:11" in msg  # 1340 padded by the exit: 1344
+    assert plan(text.replace("MTU = 1420", "MTU = 1328"))[2] == 1328
+    with pytest.raises(quick.UpError):
+        plan(text.replace("MTU = 1420", "MTU = 1340"))
 
 
 def test_ipv6_address_with_an_mtu_below_1280_is_refused(routes):
     routes["192.0.2.1"] = 1400
     with pytest.raises(quick.UpError, match="below 1280"):
         plan(MULLVAD)
-    assert plan(MULLVAD.replace(", fc00::2/128", ""))[2] == 1240
+    assert plan(MULLVAD.replace(", fc00::2/128", ""))[2] == 1232
 
 
 def test_no_nesting_keeps_wg_quicks_rule(routes):
