@@ -71,8 +71,11 @@ Bridge = udp2tcp://10.220.0.1:443
     before = snapshot(c)
     wgpy(c, "up", c_path, check=True)
     r = c.run(["ping", "-c", "3", "-i", "0.2", "-W", "3", "10.221.0.1"], check=False)
-    with open(f"/var/log/wgpy/{c_if}.log") as f:
-        log = f.read()
+    try:  # the daemon creates its log only when it has something to say
+        with open(f"/var/log/wgpy/{c_if}.log") as f:
+            log = f.read()
+    except FileNotFoundError:
+        log = ""
     assert r.returncode == 0, r.stdout + r.stderr + log
     show = wgpy(c, "show", c_if, check=True).stdout
     assert "endpoint: 127.0.0.1:51820 (as the bridge server sees it)" in show, show

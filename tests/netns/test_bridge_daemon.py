@@ -147,7 +147,7 @@ def test_wgpy_set_errors(netlab):
     go.setconf(listen_port=0, peers=[PeerConf(other.public_b64, ["10.232.0.1/32"], "127.0.0.1:51820")])
     r = c.run([WGPY, "set", go.ifname, "peer", other.public_b64, "bridge", "udp2tcp://127.0.0.1:443"],
               check=False)
-    assert r.returncode == 1 and "wireguard-go has none" in r.stderr, r.stderr
+    assert r.returncode == 1 and "wireguard-go has neither" in r.stderr, r.stderr
     # ... and `wgpy show` still shows it (it falls back to the standard get).
     assert f"peer: {other.public_b64}" in c.run([WGPY, "show", go.ifname]).stdout
 
