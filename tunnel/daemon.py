@@ -21,7 +21,8 @@ from .engine import Engine
 from .tun import valid_ifname
 
 LOG_DIR = "/var/log/wgpy"
-LEVELS = {"debug": logging.DEBUG, "verbose": logging.INFO, "error": logging.ERROR, "silent": logging.CRITICAL + 1}
+# As wireguard-go, `verbose` and `debug` are one level: everything, handshake events included.
+LEVELS = {"debug": logging.DEBUG, "verbose": logging.DEBUG, "error": logging.ERROR, "silent": logging.CRITICAL + 1}
 
 
 def _log_level() -> int:

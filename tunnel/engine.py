@@ -43,6 +43,7 @@ from transport.udp import UdpTransport
 
 from . import netlink, uapi
 from .noise import Device
+from .noise.events import describe
 from .tun import Tun
 
 log = logging.getLogger("wgpy")
@@ -359,6 +360,8 @@ class Engine:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until the link or the socket file goes away, or the caller cancels."""
         self.device.wall_offset = time.time() - trio.current_time()
+        # Handshake events are collected only when they would be logged (debug, LOG_LEVEL=debug).
+        self.device.events = [] if log.isEnabledFor(logging.DEBUG) else None
         listener = self._open_uapi_socket()
         try:
             async with trio.open_nursery() as nursery:
@@ -519,9 +522,19 @@ class Engine:
     def _reschedule_timers(self) -> None:
         """After a batch: traffic arms timers (retries, keepalives, rekeys); wake the timer task
         if one is now due earlier than what it sleeps for."""
+        if self.device.events:
+            self._log_events()
         deadline = self.device.next_deadline()
         if deadline is not None and deadline < self._sleeping_until:
             self._wake.set()
+
+    def _log_events(self) -> None:
+        """Log the core's handshake events (tunnel/noise/events.py) at debug level, as
+        wireguard-go logs them at verbose level. Never a key: peers are peer(AbCd…wxYz)."""
+        events = self.device.events
+        for event in events:
+            log.debug("%s: %s", self.ifname, describe(event))
+        events.clear()
 
     async def _timers(self) -> None:
         device = self.device
@@ -535,6 +548,8 @@ class Engine:
             self._sleeping_until = float("-inf")  # awake: no need to be woken
             self._wake = trio.Event()
             out = device.tick(trio.current_time())
+            if device.events:
+                self._log_events()
             if out:
                 await self._send(out)
 

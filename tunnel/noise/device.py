@@ -32,6 +32,7 @@ from .constants import (
     HANDSHAKE_LOAD_THRESHOLD,
     HANDSHAKES_PER_BATCH,
     INITIATION_SIZE,
+    MAX_TIMER_HANDSHAKES,
     MSG_COOKIE_REPLY,
     MSG_INITIATION,
     MSG_RESPONSE,
@@ -49,6 +50,7 @@ from .constants import (
     UNDER_LOAD_AFTER_TIME,
 )
 from .cookie import CookieChecker
+from .events import EVENTS_PER_SECOND, Event, Kind
 from .handshake import (
     HandshakeError,
     Identity,
@@ -165,6 +167,12 @@ class Device:
         self._load_window_start = float("-inf")
         self._load_count = 0
         self._under_load_until = float("-inf")
+        # Handshake events for the I/O layer to log (tunnel/noise/events.py): None records
+        # nothing; a list collects them until the caller drains it.
+        self.events: list[Event] | None = None
+        self._events_window = float("-inf")
+        self._events_in_window = 0
+        self._events_suppressed = 0
         if private_key is not None:
             self.set_private_key(private_key)
 
@@ -268,6 +276,24 @@ class Device:
 
     # ------------------------------------------------------------------ helpers
 
+    def _event(self, now: float, kind: str, peer: Peer | None = None, source: Endpoint | None = None,
+               value: int = 0) -> None:
+        """Record a handshake event if anyone collects them, at most EVENTS_PER_SECOND a second."""
+        events = self.events
+        if events is None:
+            return
+        if now - self._events_window >= 1.0:
+            self._events_window = now
+            self._events_in_window = 0
+            if self._events_suppressed:
+                events.append(Event(Kind.SUPPRESSED, value=self._events_suppressed))
+                self._events_suppressed = 0
+        if self._events_in_window >= EVENTS_PER_SECOND:
+            self._events_suppressed += 1
+            return
+        self._events_in_window += 1
+        events.append(Event(kind, peer.public_key if peer is not None else None, source, value))
+
     def _jitter(self) -> float:
         return int.from_bytes(self._rng(4), "little") / 2**32 * REKEY_TIMEOUT_JITTER_MAX
 
@@ -302,6 +328,8 @@ class Device:
         hs.local_index = 0
         self._retire(peer.keypairs.install(kp))
         peer.timers.session_derived(now)
+        if self.events is not None:
+            self._event(now, Kind.KEYPAIR_CREATED, peer, value=kp.local_index)
         return kp
 
     def _authenticated_from(self, peer: Peer, src: Endpoint) -> Endpoint | None:
@@ -316,6 +344,8 @@ class Device:
         peer.timers.handshake_complete(now)
         peer.last_handshake_wall = now + self.wall_offset
         self.stats["handshakes completed"] += 1
+        if self.events is not None:
+            self._event(now, Kind.HANDSHAKE_COMPLETED, peer)
 
     def under_load(self, now: float) -> bool:
         return now < self._under_load_until
@@ -361,6 +391,8 @@ class Device:
         peer.tx_bytes += INITIATION_SIZE
         self.stats["initiations sent"] += 1
         timers.handshake_initiated(now)
+        if self.events is not None:
+            self._event(now, Kind.INITIATION_SENT, peer)
 
     def _seal(self, peer: Peer, kp: Keypair, packets: list[bytes], now: float, out: list[Datagram]) -> None:
         """Encrypt `packets` in order under `kp` and queue them for `peer.endpoint`."""
@@ -531,6 +563,8 @@ class Device:
                     reason = verdict()  # screened above, in the same order
                     if reason is not None:
                         drops[reason] += 1
+                        if reason is Drop.MAC1 and self.events is not None:
+                            self._event(now, Kind.INVALID_MAC1, source=src)
                         continue
                 if sources:
                     self._apply_sources(sources)
@@ -669,8 +703,10 @@ class Device:
             peer = owner.peer if isinstance(owner, Keypair) else owner
             if peer is None or not peer.cookie.consume_reply(data, now):
                 self.drops[Drop.BAD_COOKIE] += 1
+                self._event(now, Kind.INVALID_COOKIE, source=src)
                 return
             self.stats["cookie replies received"] += 1
+            self._event(now, Kind.COOKIE_RECEIVED, peer, src)
             return
 
         identity, checker = self.identity, self.cookie_checker
@@ -683,6 +719,7 @@ class Device:
                 sender = u32(data, INIT_SENDER if mtype == MSG_INITIATION else RESP_SENDER)
                 out.append((checker.create_reply(data, sender, source, now), src))
                 self.drops[Drop.COOKIE_SENT] += 1
+                self._event(now, Kind.COOKIE_SENT, source=src)
                 return
             if not self.ratelimiter.allow(_source_host(src), now):
                 self.drops[Drop.RATELIMIT] += 1
@@ -692,8 +729,10 @@ class Device:
             hs = consume_initiation(identity, data, self._find_handshake, now)
             if hs is None:
                 self.drops[Drop.BAD_INITIATION] += 1
+                self._event(now, Kind.INVALID_INITIATION, source=src)
                 return
             peer = self.peers[hs.remote_static]
+            self._event(now, Kind.INITIATION_RECEIVED, peer, src)
             dest = self._authenticated_from(peer, src)
             peer.rx_bytes += size
             timers = peer.timers
@@ -707,6 +746,7 @@ class Device:
                 self._drop_index(index, peer)
                 self._clear_handshake(peer)
                 self.drops[Drop.BAD_INITIATION] += 1
+                self._event(now, Kind.INVALID_INITIATION, source=src)
                 return
             peer.cookie.add_macs(msg, now)
             self._begin_session(peer, now)
@@ -720,6 +760,7 @@ class Device:
             out.append((bytes(msg), dest))
             peer.tx_bytes += RESPONSE_SIZE
             self.stats["responses sent"] += 1
+            self._event(now, Kind.RESPONSE_SENT, peer)
             return
 
         # MSG_RESPONSE
@@ -727,11 +768,14 @@ class Device:
         owner = self._index.get(receiver)
         if not isinstance(owner, Peer) or owner.handshake.local_index != receiver:
             self.drops[Drop.UNKNOWN_INDEX] += 1
+            self._event(now, Kind.INVALID_RESPONSE, source=src)
             return
         peer = owner
         if not consume_response(identity, data, peer.handshake):
             self.drops[Drop.BAD_RESPONSE] += 1
+            self._event(now, Kind.INVALID_RESPONSE, source=src)
             return
+        self._event(now, Kind.RESPONSE_RECEIVED, peer, src)
         self._authenticated_from(peer, src)
         peer.rx_bytes += size
         timers = peer.timers
@@ -771,16 +815,20 @@ class Device:
                 if action is Action.SEND_KEEPALIVE:
                     self._send_keepalive(peer, now, out)
                 elif action is Action.SEND_INITIATION_RETRY:
+                    self._event(now, Kind.RETRY, peer, value=peer.timers.handshake_attempts + 1)
                     self._send_initiation(peer, now, out, is_retry=True)
                 elif action is Action.SEND_INITIATION:
+                    self._event(now, Kind.STOPPED_HEARING, peer)
                     self._send_initiation(peer, now, out, is_retry=False)
                 elif action is Action.GIVE_UP:
                     self.drops[Drop.GAVE_UP] += len(peer.staged)
                     peer.staged.clear()
                     self.stats["handshake attempts given up"] += 1
+                    self._event(now, Kind.GAVE_UP, peer, value=MAX_TIMER_HANDSHAKES + 2)
                 elif action is Action.ZERO_KEYS:
                     self._zero_peer(peer)
                     self.drops[Drop.KEYS_ZEROED] += len(peer.staged)
                     peer.staged.clear()
                     self.stats["key material zeroed"] += 1
+                    self._event(now, Kind.KEYS_ZEROED, peer)
         return out

@@ -69,6 +69,11 @@ class PeerTimers:
         """The persistent keepalive interval in seconds (0: off)."""
         return self._persistent_keepalive
 
+    @property
+    def handshake_attempts(self) -> int:
+        """Retries of the current handshake so far (for logs: "retrying (try N + 1)")."""
+        return self._handshake_attempts
+
     def next_deadline(self) -> float | None:
         """When `due` next has something to do (None: no timer armed)."""
         return min(self._deadlines.values(), default=None)
