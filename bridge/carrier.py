@@ -51,7 +51,16 @@ REOPEN_ERRNOS = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH}
 
 
 class BridgeTransport(Transport):
-    """What both bridges share: a spec, a number, and the endpoint values they produce."""
+    """What both bridges share: a spec, a number, the endpoint values they produce, and when a
+    reply last came back through them.
+
+    `last_reply` (Unix time, None: never) is when a reply last arrived that the bridge accepted:
+    for Shadowsocks one that authenticated (opened with our key), for udp-over-tcp a complete
+    frame. A socket or TCP connection to the server proves nothing (UDP is connectionless, and
+    a server with another password takes packets and stays silent): `wgpy show` says
+    "no reply yet" until there is one."""
+
+    last_reply: float | None = None
 
     def __init__(self, spec: BridgeSpec, ident: int, fwmark: int = 0) -> None:
         super().__init__()
@@ -70,7 +79,7 @@ class BridgeTransport(Transport):
         return Endpoint(target[0], target[1], self.ident)
 
     def statistics(self) -> dict:
-        return {**super().statistics(), "bridge": self.spec.redacted()}
+        return {**super().statistics(), "bridge": self.spec.redacted(), "last_reply": self.last_reply}
 
 
 def open_bridge(spec: BridgeSpec, ident: int, fwmark: int = 0) -> BridgeTransport:
@@ -226,7 +235,9 @@ class ShadowsocksTransport(BridgeTransport):
                 continue
             source, payload = opened
             batch.append((payload, Endpoint(str(source[0]), int(source[1]), ident)))
-        self.received += len(batch)
+        if batch:
+            self.last_reply = now  # authenticated: the server has our key and answers
+            self.received += len(batch)
         return batch
 
     async def _open_with_retry(self) -> socket.socket:
@@ -318,6 +329,7 @@ class Udp2TcpTransport(BridgeTransport):
         return [self._receive]
 
     def _on_datagrams(self, datagrams: list[bytes]) -> None:
+        self.last_reply = time.time()
         inbox = self._inbox
         room = RECEIVE_QUEUE - len(inbox)
         if len(datagrams) > room:
@@ -344,7 +356,7 @@ class Udp2TcpTransport(BridgeTransport):
                 "sent": stats.sent, "received": stats.received,
                 "dropped": stats.dropped + self.drops.total,
                 "drop_reasons": {**stats.drop_reasons, **self.drops.reasons},
-                "reconnects": stats.reconnects}
+                "reconnects": stats.reconnects, "last_reply": self.last_reply}
 
     def close(self) -> None:
         self._closed = True

@@ -129,8 +129,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     now = time.time()
     if args.json:
         print(show.as_json(statuses, now))
-    elif statuses:  # no interfaces: print nothing, as wg does
+    elif statuses:
         print("\n\n".join(show.format_text(st, now) for st in statuses))
+    elif not names:  # wg prints a blank line here; say what it means
+        print(f"no WireGuard interfaces (no control socket in {uapi.SOCKET_DIR})")
     return 1 if failed else 0
 
 

@@ -101,6 +101,8 @@ class Engine:
         self._next_ident = UDP + 1
         self.exit_reason = ""
         self.stopped = trio.Event()
+        # Set, then replaced, after every UAPI set: the first hops may have moved (kill switch).
+        self.first_hops_changed = trio.Event()
 
     # ------------------------------------------------------------ uapi.InterfaceSettings
 
@@ -188,7 +190,8 @@ class Engine:
             st = bridged.transport.statistics()
             lines += [f"wgpy_bridge={st['bridge']}", f"wgpy_bridge_connected={int(st['connected'])}",
                       f"wgpy_bridge_tx_packets={st['sent']}", f"wgpy_bridge_rx_packets={st['received']}",
-                      f"wgpy_bridge_dropped={st['dropped']}"]
+                      f"wgpy_bridge_dropped={st['dropped']}",
+                      f"wgpy_bridge_last_reply={int(st.get('last_reply') or 0)}"]  # 0: no reply yet
         return lines
 
     def _bridge_of(self, peer) -> _Bridge | None:
@@ -207,6 +210,24 @@ class Engine:
         """After a UAPI set: stop what removed peers leave behind, decide nesting again."""
         self.forget_removed_peers()
         self._plan_nesting()
+        self.first_hops_changed.set()
+        self.first_hops_changed = trio.Event()
+
+    def first_hops(self) -> frozenset[tuple[str, str, int]]:
+        """Where this interface's own packets go on the wire, as (address, "udp"|"tcp", port):
+        each bridged peer's bridge server (udp2tcp over TCP, Shadowsocks over UDP) and the
+        endpoint of every other peer not reached through another one (a multihop exit's
+        datagrams travel inside its entry's). The kill switch (tunnel/killswitch.py) allows
+        exactly these; roaming moves them without a set, so its follower also polls."""
+        hops = set()
+        for pk, peer in self.device.peers.items():
+            bridged = self._bridge_of(peer)
+            if bridged is not None:
+                host, port = bridged.transport.spec.server
+                hops.add((host, "tcp" if bridged.transport.spec.kind == "udp2tcp" else "udp", port))
+            elif pk not in self.nested and peer.endpoint is not None:
+                hops.add((peer.endpoint[0], "udp", peer.endpoint[1]))
+        return frozenset(hops)
 
     def forget_removed_peers(self) -> None:
         """After a set request: stop the transports of peers that were removed (or removed and

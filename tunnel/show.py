@@ -38,6 +38,16 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def bridge_state(peer: PeerStatus) -> str:
+    """"connected" only once a reply came back through the bridge and was accepted (for
+    Shadowsocks: it authenticated with our key); a socket or TCP connection alone is
+    "no reply yet" (a wrong password, a server that does not answer); no socket or connection
+    to the server is "not connected"."""
+    if not peer.bridge_connected:
+        return "not connected"
+    return "connected" if peer.bridge_last_reply else "no reply yet"
+
+
 def _endpoint(peer: PeerStatus) -> str | None:
     return format_address(peer.endpoint) if peer.endpoint is not None else None
 
@@ -77,9 +87,11 @@ def format_text(status: InterfaceStatus, now: float) -> str:
         for exit_key in carries.get(p.public_key, []):
             lines.append(f"  carries: {encode_base64_key(exit_key)}")
         if p.bridge:
-            state = "connected" if p.bridge_connected else "not connected"
+            state = bridge_state(p)
             lines.append(f"  bridge: {p.bridge}, {state}; {p.bridge_tx_packets} packets sent, "
                          f"{p.bridge_rx_packets} received, {p.bridge_dropped} dropped")
+            if p.bridge_last_reply:
+                lines.append(f"  latest bridge reply: {ago(int(now) - p.bridge_last_reply)}")
         shown = ", ".join(format_prefix(n) for n in p.allowed_ips)
         lines.append(f"  allowed ips: {shown or '(none)'}")
         if p.latest_handshake:
@@ -110,6 +122,8 @@ def as_json(statuses: list[InterfaceStatus], now: float) -> str:
                 "persistent_keepalive": p.persistent_keepalive,
                 "bridge": p.bridge,
                 "bridge_connected": p.bridge_connected,
+                "bridge_state": bridge_state(p) if p.bridge else None,
+                "bridge_latest_reply": p.bridge_last_reply,
                 "bridge_tx_packets": p.bridge_tx_packets,
                 "bridge_rx_packets": p.bridge_rx_packets,
                 "bridge_dropped": p.bridge_dropped,

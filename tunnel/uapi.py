@@ -63,7 +63,9 @@ connection on an unknown operation, so a client learns at once that they are not
                                  Without it, a peer whose endpoint lies in another peer's allowed ips
                                  (/0 ignored) is nested in that peer all the same.
     operation `get=wgpy`         `get=1`'s reply plus, per peer, `InterfaceSettings.extension_lines`:
-                                 the bridge and its counters (`wgpy_bridge=`, ...), `wgpy_via=HEX`
+                                 the bridge, its counters and the Unix time of its last accepted
+                                 reply (`wgpy_bridge=`, ..., `wgpy_bridge_last_reply=`, 0: none),
+                                 `wgpy_via=HEX`
                                  (the peer's explicit via) and `wgpy_entry=HEX` (the peer it is
                                  reached through now, by wgpy_via or detected; absent when direct).
                                  `get=1` stays exactly wireguard-go's format, so `wg` and other UAPI
@@ -757,6 +759,9 @@ class PeerStatus:
     bridge_tx_packets: int = 0
     bridge_rx_packets: int = 0
     bridge_dropped: int = 0
+    # Unix seconds of the last reply the bridge accepted (authenticated, for Shadowsocks);
+    # 0: none yet (a wrong password, a server that does not answer).
+    bridge_last_reply: int = 0
     # wgpy-daemon only: the explicit via (`wgpy_via`) and the peer this one is reached through
     # now (`wgpy_entry`: by via or detected from allowed ips; None when reached directly).
     via: bytes | None = None
@@ -783,6 +788,7 @@ _PEER_COUNTERS = {
     "wgpy_bridge_tx_packets": ("bridge_tx_packets", U64_MAX),
     "wgpy_bridge_rx_packets": ("bridge_rx_packets", U64_MAX),
     "wgpy_bridge_dropped": ("bridge_dropped", U64_MAX),
+    "wgpy_bridge_last_reply": ("bridge_last_reply", U64_MAX),
 }
 
 

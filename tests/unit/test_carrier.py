@@ -178,9 +178,11 @@ async def test_ss_round_trip(method, target):
         assert items == [(b"re:" + p, endpoint) for p in payloads]
         assert all(type(ep) is Endpoint for _, ep in items)
         stats = carrier.statistics()
+        last_reply = stats.pop("last_reply")
         assert stats == {"kind": carrier.kind, "bridge": carrier.spec.redacted(), "connected": True,
                          "sent": len(payloads), "received": len(payloads), "dropped": 0,
                          "drop_reasons": {}}
+        assert abs(last_reply - time.time()) < 5
         assert server.secret not in str(stats)
         nursery.cancel_scope.cancel()
 
@@ -281,6 +283,29 @@ async def test_ss_garbage_from_the_server_is_dropped_and_counted(method):
         server.reply = True
         carrier.send([(b"still", WG)])
         await inbox.wait_for(len(wanted) + 1)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("method", ["aes-256-gcm", "2022-blake3-aes-128-gcm"])
+async def test_ss_a_reply_counts_only_once_it_authenticates(method):
+    """Issue 12, item 14: a socket to the server is not a working bridge. A server with another
+    password stays silent or answers with packets we cannot open: no reply yet (last_reply None)
+    until one authenticates with our key."""
+    async with trio.open_nursery() as nursery:
+        server, carrier, inbox = await start_ss(nursery, method)
+        server.reply = False  # a server with another password drops what we send
+        carrier.send([(b"hello?", WG)])
+        await server.wait_for(1)
+        for packet in garbage_for(server).values():  # answers sealed with another key, junk
+            server.send_raw(packet)
+        await until(lambda: carrier.drops.total >= 3)
+        assert carrier.connected and carrier.last_reply is None
+        assert carrier.statistics()["last_reply"] is None
+        before = time.time()
+        server.send_raw(server.seal((LOOP, 51820), b"authentic"))
+        await inbox.wait_for(1)
+        assert carrier.last_reply is not None and before <= carrier.last_reply <= time.time()
+        assert carrier.statistics()["last_reply"] == carrier.last_reply
         nursery.cancel_scope.cancel()
 
 
@@ -475,6 +500,17 @@ async def test_udp2tcp_round_trip_with_the_endpoint_last_sent_to():
         assert (stats["connected"], stats["sent"], stats["received"], stats["dropped"]) == (
             True, 2 + len(sizes), 2 + len(sizes), 0)
         assert server.connections == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_udp2tcp_connected_is_not_a_reply():
+    """A TCP connection to the server that never carries a datagram back: no reply yet."""
+    async with trio.open_nursery() as nursery:
+        server, carrier, inbox = await start_udp2tcp(nursery)
+        assert carrier.connected and carrier.statistics()["last_reply"] is None
+        carrier.send([(b"ping", WG)])
+        await inbox.wait_for(1)
+        assert carrier.statistics()["last_reply"] is not None
         nursery.cancel_scope.cancel()
 
 

@@ -105,12 +105,17 @@ def no_root_check(monkeypatch):
     monkeypatch.setattr(netconfig, "have_net_admin", lambda: True, raising=False)
 
 
-def test_show_without_interfaces_prints_nothing(monkeypatch, capsys, no_root_check):
+@pytest.mark.parametrize("argv", [["show"], ["show", "all"]])
+def test_show_without_interfaces_says_so(monkeypatch, capsys, no_root_check, argv):
+    """Issue 12, item 15: not a blank line (wg's), one line that says there are none."""
     from tunnel import cli, uapi
 
     monkeypatch.setattr(uapi, "list_interfaces", lambda *a: [])
-    assert cli.main(["show"]) == 0
-    assert capsys.readouterr().out == ""
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out == "no WireGuard interfaces (no control socket in /var/run/wireguard)\n" and err == ""
+    assert cli.main(argv + ["--json"]) == 0
+    assert capsys.readouterr().out == "[]\n"  # machine-readable: an empty list, no prose
 
 
 def test_show_all_and_failures(monkeypatch, capsys, no_root_check):
