@@ -19,7 +19,7 @@ PACKAGES = ("transport", "bridge", "tunnel", "bench")
 SANS_IO = (
     "transport", "transport.base", "transport.replay", "transport.address",
     "tunnel.noise", "tunnel.grammar", "tunnel.config", "tunnel.uapi", "tunnel.keys", "bridge.multihop",
-    "bridge.shadowsocks", "bridge.spec",
+    "bridge.shadowsocks", "bridge.spec", "bridge.lwo",
 )
 
 # Which package may import which: each only from those below it.
