@@ -81,6 +81,7 @@ class Engine:
         self._open_bridge = open_bridge
         self.io_drops: Counter[str] = Counter()
         self._listen_port = 0
+        self._port_random = False  # the UDP port was bound at random at start (none configured yet)
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
         self._sleeping_until = float("inf")  # the deadline the timer task waits for
@@ -389,6 +390,7 @@ class Engine:
                 self._nursery = nursery
                 if not self.udp.port:
                     self.udp.bind(0)
+                    self._port_random = True
                 for transport in self.transports.values():
                     self._serve(transport)
                 nursery.start_soon(self._tun_reader)
@@ -439,7 +441,11 @@ class Engine:
         if self._nursery is None:
             return
         if transport is self.udp:  # here, not at start: `wg setconf` usually moves it at once
-            log.info("%s: listening on UDP port %d", self.ifname, self.udp.port)
+            # Until a port is configured, the one bound is random: say so, so the first line of
+            # the log does not read as the port the interface keeps (issue 12, item 15).
+            random = self._port_random and not self._listen_port
+            how = " (random until a listen port is configured)" if random else ""
+            log.info("%s: listening on UDP port %d%s", self.ifname, self.udp.port, how)
         scope = trio.CancelScope()
         self._scopes[transport.ident] = scope
         self._nursery.start_soon(self._transport_tasks, transport, scope)
