@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
 debs:
@@ -33,8 +33,9 @@ test: venv debs
 demo: venv debs
 	$(PY) -m tunnel.demo
 
-bench: venv
-	$(PY) -m bench core
+# The benchmark suite with charts: bench-results/report.md (root for everything but core and scale).
+bench: venv debs
+	$(PY) -m bench --out bench-results
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

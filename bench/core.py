@@ -118,33 +118,3 @@ def measure(size: int, packets: int, batch: int) -> list[Result]:
         Result(size, "seal", n, n / (t1 - t0), n / (t4 - t3)),
         Result(size, "open", n, n / (t2 - t1_open), n / (t5 - t4)),
     ]
-
-
-def run(sizes: list[int], packets: int, batch: int, repeat: int) -> list[Result]:
-    """Best of `repeat` runs for each size and operation (the least disturbed run)."""
-    best: dict[tuple[int, str], Result] = {}
-    for _ in range(repeat):
-        for size in sizes:
-            for r in measure(size, packets, batch):
-                key = (r.size, r.op)
-                if key not in best or r.core_pps > best[key].core_pps:
-                    prev_raw = best[key].raw_pps if key in best else 0.0
-                    best[key] = r
-                    r.raw_pps = max(r.raw_pps, prev_raw)
-                elif r.raw_pps > best[key].raw_pps:
-                    best[key].raw_pps = r.raw_pps
-    return [best[(s, op)] for s in sizes for op in ("seal", "open")]
-
-
-def format_table(results: list[Result], packets: int, batch: int, repeat: int) -> str:
-    lines = [
-        f"wgpy bench core: {packets} packets per size in batches of {batch}, best of {repeat}",
-        "reference: raw ChaCha20-Poly1305 (cryptography/OpenSSL), one call per packet, same run",
-        f"{'size':>5} {'op':<5} {'core pkt/s':>12} {'core Gbit/s':>12} {'raw pkt/s':>12} {'raw Gbit/s':>11} {'core/raw':>9}",
-    ]
-    for r in results:
-        lines.append(
-            f"{r.size:>5} {r.op:<5} {r.core_pps:>12,.0f} {r.core_gbps:>12.3f} {r.raw_pps:>12,.0f} "
-            f"{r.raw_gbps:>11.3f} {r.ratio:>9.2f}"
-        )
-    return "\n".join(lines)

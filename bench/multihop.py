@@ -1,12 +1,15 @@
-"""`wgpy bench tunnel --multihop`: iperf3 through two relays, wgpy's nested multihop next to a
-wireguard-go client set up as kernel users do it (one interface, two peers: the entry's
+"""The multihop scenario of `wgpy bench`: iperf3 through two relays, wgpy's nested multihop next
+to a wireguard-go client set up as kernel users do it (one interface, two peers: the entry's
 AllowedIPs hold the exit's address, so the exit's datagrams loop back through the interface).
 
     client ns --veth-- entry relay ns --veth-- exit relay ns --veth-- destination ns (iperf3 -s)
 
-Both relays are wireguard-go with forwarding and masquerade, the same for both clients; only the
-client differs. Interface MTU 1340 (1500 - 80 per hop) for both. The CPU column is the client
-daemon's alone (the relays are the same program in both rows).
+Both relays are wireguard-go (wgpy when wireguard-go is missing) with forwarding and masquerade,
+the same for both clients; only the client differs. Interface MTU 1340 (1500 - 80 per hop) for
+both. With a bridge, the entry relay has libev's ss-server in front: the wireguard-go client
+reaches it through ss-tunnel, wgpy with its own carrier (`Bridge =` on the entry peer); MTU
+`bridge_mtu(method, hops=2)`. CPU and RSS are the client side's alone (daemon and ss-tunnel):
+the relays are the same programs in both rows.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import subprocess
 
 from tunnel.keys import encode_base64_key, generate_private_key, public_key
 
-from .tunnel import Figure, Lab, _run, cpu_seconds
+from .tunnel import (BRIDGE_METHOD, Lab, _run, _wait_listening, _wgpy, bridge_mtu, bridge_password, bridge_uri,
+                     throughput)
 
 C_E = ("10.241.1.1", "10.241.1.2")  # client - entry
 E_X = ("10.241.2.1", "10.241.2.2")  # entry - exit
@@ -57,15 +61,18 @@ class MultihopLab(Lab):
         _run(*self.exec(side, "wg", "setconf", ifname, conf))
 
 
-def measure(client: str, seconds: int, lab_factory=MultihopLab) -> list[Figure]:
+def label(client: str, relay: str = RELAY, bridge: bool = False) -> str:
+    return f"{client} client, two {relay} relays" + (f", ss {BRIDGE_METHOD} to the entry" if bridge else "")
+
+
+def measure(client: str, seconds: int, relay: str = RELAY, bridge: bool = False, lab_factory=MultihopLab):
     keys = {n: generate_private_key() for n in ("c", "e", "x")}
     pub = {n: encode_base64_key(public_key(k)) for n, k in keys.items()}
-    label = f"{client} client via two {RELAY} relays (multihop)"
-    figures = []
+    mtu = bridge_mtu(BRIDGE_METHOD, hops=2) if bridge else MTU
     with lab_factory() as lab:
         for side, name, out_link in ((1, "e", "m1r"), (2, "x", "m2r")):
             ifname = f"wgm{lab.tag}{name}"
-            lab.start_interface(side, RELAY, ifname)
+            lab.start_interface(side, relay, ifname)
             lab.setconf(side, ifname, f"[Interface]\nPrivateKey = {encode_base64_key(keys[name])}\n"
                                       f"ListenPort = 51820\n[Peer]\nPublicKey = {pub['c']}\n"
                                       f"AllowedIPs = {CLIENT_TUNNEL}/32\n")
@@ -74,26 +81,40 @@ def measure(client: str, seconds: int, lab_factory=MultihopLab) -> list[Figure]:
             _run(*lab.exec(side, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"))
             subprocess.run(lab.exec(side, "nft", "-f", "-"), input=NFT_MASQUERADE % out_link, text=True,
                            check=True, capture_output=True)
-        lab.tunnel_pids.clear()  # from here on: the client's daemon only
+        entry = f"{C_E[1]}:51820"
+        lab.tunnel_pids.clear()  # from here on: the client side only
+        if bridge:
+            password = bridge_password(BRIDGE_METHOD)
+            server = subprocess.Popen(lab.exec(1, "ss-server", "-s", C_E[1], "-p", "8388", "-k", password,
+                                               "-m", BRIDGE_METHOD, "-U"),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            lab.procs.append(server)
+            _wait_listening(lab, 1, 8388, "u", "ss-server", server)
+            entry = "127.0.0.1:51820"  # the entry's WireGuard port as the bridge server reaches it
+            if client != "wgpy":
+                tun = subprocess.Popen(lab.exec(0, "ss-tunnel", "-s", C_E[1], "-p", "8388", "-k", password,
+                                                "-m", BRIDGE_METHOD, "-b", "127.0.0.1", "-l", "51999",
+                                                "-L", "127.0.0.1:51820", "-U"),
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                lab.procs.append(tun)
+                lab.tunnel_pids.append(tun.pid)
+                _wait_listening(lab, 0, 51999, "u", "ss-tunnel", tun)
+                entry = "127.0.0.1:51999"
         ifname = f"wgm{lab.tag}c"
         lab.start_interface(0, client, ifname)
         lab.setconf(0, ifname,
                     f"[Interface]\nPrivateKey = {encode_base64_key(keys['c'])}\n"
-                    f"[Peer]\nPublicKey = {pub['e']}\nEndpoint = {C_E[1]}:51820\nAllowedIPs = {E_X[1]}/32\n"
+                    f"[Peer]\nPublicKey = {pub['e']}\nEndpoint = {entry}\nAllowedIPs = {E_X[1]}/32\n"
                     f"[Peer]\nPublicKey = {pub['x']}\nEndpoint = {E_X[1]}:51820\nAllowedIPs = {X_D[0]}/24\n")
+        if bridge and client == "wgpy":
+            _run(*lab.exec(0, *_wgpy(client), "set", ifname, "peer", pub["e"], "bridge",
+                           bridge_uri(BRIDGE_METHOD, C_E[1], 8388)))
         c = lab.ns[0]
         _run("ip", "-n", c, "addr", "add", f"{CLIENT_TUNNEL}/32", "dev", ifname)
-        _run("ip", "-n", c, "link", "set", ifname, "mtu", str(MTU), "up")
+        _run("ip", "-n", c, "link", "set", ifname, "mtu", str(mtu), "up")
         _run("ip", "-n", c, "route", "add", f"{X_D[1]}/32", "dev", ifname)
         if client != "wgpy":  # kernel users' loop: the exit's datagrams routed back into the interface
             _run("ip", "-n", c, "route", "add", f"{E_X[1]}/32", "dev", ifname)
         _run("ip", "-n", lab.ns[3], "route", "add", "default", "via", X_D[0])
         _run(*lab.exec(0, "ping", "-c", "1", "-W", "5", X_D[1]), timeout=15)
-        for reverse in (False, True):
-            cpu = cpu_seconds(lab.tunnel_pids)
-            mbps, retr = lab.iperf(3, 0, X_D[1], seconds, reverse)
-            cpu = cpu_seconds(lab.tunnel_pids) - cpu
-            gb = mbps * seconds / 8 / 1000
-            figures.append(Figure(label, "a<-b" if reverse else "a->b", mbps, retr,
-                                  round(cpu / gb, 2) if gb > 0 else None))
-    return figures
+        return throughput(lab, 3, X_D[1], label(client, relay, bridge), seconds)

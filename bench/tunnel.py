@@ -1,13 +1,15 @@
-"""`wgpy bench tunnel`: iperf3 TCP through a tunnel between two network namespaces, for each
-implementation pair, in one run. Needs root, wireguard-go, wg and iperf3.
+"""Tunnels between two network namespaces for `wgpy bench` (the tunnel, bridge and latency
+scenarios): iperf3 TCP through them, with the CPU and memory the tunnel processes used. Root.
 
 Each pair gets fresh namespaces joined by a veth (the raw link is measured too, as the ceiling),
-two interfaces configured with `wg setconf`, and iperf3 in both directions. Everything is removed
-afterwards, also on failure or Ctrl-C.
+two interfaces configured with `wg setconf`, optionally a bridge in between, and iperf3 in both
+directions. Everything is removed afterwards, also on failure or Ctrl-C.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import secrets
@@ -16,12 +18,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+from urllib.parse import quote
 
+from bridge.spec import parse_bridge
 from tunnel.keys import encode_base64_key, generate_private_key, public_key
 
 WGPY_DAEMON = str(Path(sys.executable).with_name("wgpy-daemon"))
+WGPY = str(Path(sys.executable).with_name("wgpy"))
 IMPLS = {"wgpy": [WGPY_DAEMON, "-f"], "wireguard-go": ["wireguard-go", "-f"]}
 BASE = "wgpy@base"  # wgpy from another checkout (--against), run with this Python
 _checkouts: dict[str, str] = {}  # impl -> checkout directory whose code it runs
@@ -59,6 +66,7 @@ class Figure:
     # CPU seconds the two tunnel daemons (and bridge processes) spent per GB moved: steadier than
     # throughput on a small machine, where iperf3 and both daemons compete for the same cores.
     cpu_s_per_gb: float | None = None
+    rss_mb: float | None = None  # the largest peak RSS among those processes
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -161,58 +169,90 @@ class Lab:
 
 BRIDGE_METHOD = "aes-256-gcm"
 BRIDGE_PASSWORD = "bench-only-password"
-# 1500 - 80 (IPv6 + UDP + WireGuard) - 55 (Shadowsocks aes-256-gcm with an IPv4 target)
-BRIDGE_MTU = 1365
+LIBEV_METHODS = ("aes-128-gcm", "aes-256-gcm", "chacha20-ietf-poly1305")  # what ss-server here speaks
 
 
-WGPY = str(Path(sys.executable).with_name("wgpy"))
-BRIDGE_URI = f"ss://{BRIDGE_METHOD}:{BRIDGE_PASSWORD}@10.231.0.2:8388"
+
+def bridge_password(method: str) -> str:
+    """A password the method accepts: 2022 methods take a base64 key of the cipher's size."""
+    if method.startswith("2022-"):
+        size = 16 if "aes-128" in method else 32
+        return base64.b64encode(hashlib.sha256(BRIDGE_PASSWORD.encode()).digest()[:size]).decode()
+    return BRIDGE_PASSWORD
 
 
-# How side a reaches side b through Shadowsocks: "libev" = ss-tunnel (a local port) + ss-server;
+def bridge_uri(method: str, host: str = "10.231.0.2", port: int = 8388) -> str:
+    """The `Bridge =` value for a method ("udp2tcp": udp-over-tcp)."""
+    if method == "udp2tcp":
+        return f"udp2tcp://{host}:{port}"
+    return f"ss://{quote(method, safe='')}:{quote(bridge_password(method), safe='')}@{host}:{port}"
+
+
+def bridge_mtu(method: str, outer: int = 1500, hops: int = 1) -> int:
+    """The tunnel MTU that keeps the outer datagrams within `outer`: 80 bytes per WireGuard hop (as
+    wg-quick reserves: IPv6 + UDP + WireGuard) and the Shadowsocks overhead of the method to an IPv4
+    target, rounded down to 16 like WireGuard's padding."""
+    over = parse_bridge(bridge_uri(method)).overhead(("127.0.0.1", 51821)) if method != "udp2tcp" else 0
+    return (outer - 80 * hops - over) // 16 * 16
+
+
+# How side a reaches side b through a bridge: "libev" = ss-tunnel (a local port) + ss-server;
 # "wgpy" = side a's wgpy-daemon carries its datagrams itself (`wgpy set ... bridge`) to
 # `wgpy bridge serve`; "wgpy+libev" = the same daemon carrier to libev's ss-server.
-BRIDGES = {"libev": "libev", "wgpy": "wgpy (daemon + wgpy bridge serve)",
-           "wgpy+libev": "wgpy daemon + libev ss-server"}
+BRIDGES = {"libev": "libev", "wgpy": "wgpy", "wgpy+libev": "wgpy carrier + libev"}
 
 
-def _start_bridge(lab: "Lab", bridge: str, impl: str = "wgpy") -> str:
+def _wait_listening(lab: "Lab", side: int, port: int, proto: str, what: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 10
+    while f":{port} " not in _run(*lab.exec(side, "ss", f"-Hl{proto}n"), check=False).stdout:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.05)
+
+
+def _start_bridge(lab: "Lab", bridge: str, impl: str = "wgpy", method: str = BRIDGE_METHOD) -> str:
     """Start the bridge's processes; returns the endpoint side a's WireGuard must use (for the
     daemon's own carrier: the WireGuard port as the server sees it)."""
+    password = bridge_password(method)
     if bridge in ("libev", "wgpy+libev"):
-        server = ["ss-server", "-s", "10.231.0.2", "-p", "8388", "-k", BRIDGE_PASSWORD, "-m", BRIDGE_METHOD, "-U"]
-        client = ["ss-tunnel", "-s", "10.231.0.2", "-p", "8388", "-k", BRIDGE_PASSWORD, "-m", BRIDGE_METHOD,
+        server = ["ss-server", "-s", "10.231.0.2", "-p", "8388", "-k", password, "-m", method, "-U"]
+        client = ["ss-tunnel", "-s", "10.231.0.2", "-p", "8388", "-k", password, "-m", method,
                   "-b", "127.0.0.1", "-l", "51999", "-L", "127.0.0.1:51821", "-U"]
         procs = ((1, server, 8388), (0, client, 51999)) if bridge == "libev" else ((1, server, 8388),)
+        proto = "u"
     else:
-        server = [*_wgpy(impl), "bridge", "serve", "--listen",
-                  f"ss://{BRIDGE_METHOD}:{BRIDGE_PASSWORD}@10.231.0.2:8388", "--allow", "127.0.0.1:51821"]
+        server = [*_wgpy(impl), "bridge", "serve", "--listen", bridge_uri(method), "--allow", "127.0.0.1:51821"]
         procs = ((1, server, 8388),)
+        proto = "t" if method == "udp2tcp" else "u"
     for side, argv, port in procs:
         lab.procs.append(subprocess.Popen(lab.exec(side, *argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                           env=_env(impl), cwd=_checkouts.get(impl)))
         lab.tunnel_pids.append(lab.procs[-1].pid)
-        deadline = time.monotonic() + 10
-        while f":{port} " not in _run(*lab.exec(side, "ss", "-Hlun"), check=False).stdout:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"bridge ({bridge}) did not start: {argv[0]}")
-            time.sleep(0.05)
+        _wait_listening(lab, side, port, proto, f"bridge ({bridge}, {argv[0]})", lab.procs[-1])
     return "127.0.0.1:51999" if bridge == "libev" else "127.0.0.1:51821"
 
 
-def measure_pair(left: str, right: str, seconds: int, bridge: str | None = None) -> list[Figure]:
-    figures = []
-    label = f"{left} <-> {right}" + (f" via ss {BRIDGES[bridge]}" if bridge else "")
+def pair_label(left: str, right: str, bridge: str | None = None, method: str = BRIDGE_METHOD) -> str:
+    if left == "veth":
+        return "veth (no tunnel)"
+    label = f"{left} <-> {right}"
+    if bridge:
+        label += f" via {BRIDGES[bridge]} {'udp2tcp' if method == 'udp2tcp' else 'ss ' + method}"
+    return label
+
+
+@contextmanager
+def pair_lab(left: str, right: str, bridge: str | None = None, method: str = BRIDGE_METHOD) -> Iterator[tuple[Lab, str]]:
+    """Two namespaces with a tunnel between them (or just the veth, for left == "veth"); yields
+    the lab and the address of side b to send to. Everything is removed on the way out."""
     with Lab() as lab:
         if left == "veth":
-            for reverse in (False, True):
-                mbps, retr = lab.iperf(1, 0, "10.231.0.2", seconds, reverse)
-                figures.append(Figure("veth (no tunnel)", "a<-b" if reverse else "a->b", mbps, retr))
-            return figures
+            yield lab, "10.231.0.2"
+            return
         ka, kb = generate_private_key(), generate_private_key()
         names = [f"wgb{lab.tag}a", f"wgb{lab.tag}b"]
-        endpoint = _start_bridge(lab, bridge, right) if bridge else "10.231.0.2:51821"
-        mtu = str(BRIDGE_MTU if bridge else 1420)
+        endpoint = _start_bridge(lab, bridge, right, method) if bridge else "10.231.0.2:51821"
+        mtu = str(bridge_mtu(method) if bridge else 1420)
         for side, impl, key, other, port, peer_ep in (
             (0, left, ka, kb, 51820, endpoint),
             (1, right, kb, ka, 51821, None),
@@ -229,46 +269,48 @@ def measure_pair(left: str, right: str, seconds: int, bridge: str | None = None)
             _run("ip", "-n", lab.ns[side], "link", "set", names[side], "mtu", mtu, "up")
         if bridge in ("wgpy", "wgpy+libev"):
             subprocess.run(lab.exec(0, *_wgpy(left), "set", names[0], "peer", encode_base64_key(public_key(kb)),
-                                    "bridge", BRIDGE_URI), check=True, capture_output=True, timeout=30,
+                                    "bridge", bridge_uri(method)), check=True, capture_output=True, timeout=30,
                            env=_env(left), cwd=_checkouts.get(left))
-        _run(*lab.exec(0, "ping", "-c", "1", "-W", "5", "10.232.0.2"))
-        for reverse in (False, True):
-            cpu = cpu_seconds(lab.tunnel_pids)
-            mbps, retr = lab.iperf(1, 0, "10.232.0.2", seconds, reverse)
-            cpu = cpu_seconds(lab.tunnel_pids) - cpu
-            gb = mbps * seconds / 8 / 1000
-            figures.append(Figure(label, "a<-b" if reverse else "a->b", mbps, retr,
-                                  round(cpu / gb, 2) if gb > 0 else None))
+        _run(*lab.exec(0, "ping", "-c", "1", "-W", "5", "10.232.0.2"), timeout=15)
+        yield lab, "10.232.0.2"
+
+
+def peak_rss_mb(pids: list[int]) -> float | None:
+    """The largest peak resident set (VmHWM) among the processes, in MB."""
+    best = None
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        kb = int(line.split()[1])
+                        best = kb / 1024 if best is None else max(best, kb / 1024)
+        except (OSError, ValueError):
+            continue
+    return best
+
+
+def throughput(lab: Lab, server: int, addr: str, label: str, seconds: int) -> list[Figure]:
+    """iperf3 both directions from side 0 to `server`, with the tunnel processes' CPU and RSS."""
+    figures = []
+    for reverse in (False, True):
+        cpu = cpu_seconds(lab.tunnel_pids)
+        mbps, retr = lab.iperf(server, 0, addr, seconds, reverse)
+        cpu = cpu_seconds(lab.tunnel_pids) - cpu
+        gb = mbps * seconds / 8 / 1000
+        figures.append(Figure(label, "a<-b" if reverse else "a->b", mbps, retr,
+                              round(cpu / gb, 2) if gb > 0 and lab.tunnel_pids else None,
+                              peak_rss_mb(lab.tunnel_pids)))
     return figures
 
 
-def require_tools(*extra: str) -> None:
-    missing = [t for t in ("ip", "wg", "iperf3", "wireguard-go", "nft", *extra) if shutil.which(t) is None]
-    if os.geteuid() != 0 or missing:
-        raise SystemExit(f"wgpy bench tunnel needs root and {', '.join(missing) or 'nothing else'}")
+def measure_pair(left: str, right: str, seconds: int, bridge: str | None = None,
+                 method: str = BRIDGE_METHOD) -> list[Figure]:
+    with pair_lab(left, right, bridge, method) as (lab, addr):
+        return throughput(lab, 1, addr, pair_label(left, right, bridge, method), seconds)
 
 
-def run(pairs: list[tuple], seconds: int) -> list[Figure]:
-    """`pairs`: (left, right) or (left, right, bridge) with bridge a key of BRIDGES."""
-    require_tools(*(("ss-server", "ss-tunnel") if any(len(p) > 2 for p in pairs) else ()))
-    out: list[Figure] = []
-    for left, right, *bridge in pairs:
-        out.extend(measure_pair(left, right, seconds, bridge[0] if bridge else None))
-    return out
-
-
-def format_table(figures: list[Figure], seconds: int, reference: str = "wireguard-go <-> wireguard-go",
-                 setup: str = f"MTU 1420; {BRIDGE_MTU} through a Shadowsocks {BRIDGE_METHOD} bridge") -> str:
-    ref: dict[str, float] = {}
-    for f in figures:  # the first round's reference, for rows measured before it (veth)
-        if f.pair == reference:
-            ref.setdefault(f.direction, f.mbps)
-    lines = [f"wgpy bench tunnel: iperf3 TCP, {seconds} s per direction, namespaces over veth ({setup})",
-             f"{'pair':<62} {'dir':<5} {'Mbit/s':>9} {'retrans':>8} {'CPU s/GB':>9} {'vs ' + reference:>10}"]
-    for f in figures:
-        if f.pair == reference:
-            ref[f.direction] = f.mbps  # with --rounds: each round against its own reference
-        ratio = f"{f.mbps / ref[f.direction]:.2f}" if f.direction in ref else "-"
-        cpu = f"{f.cpu_s_per_gb:.2f}" if f.cpu_s_per_gb is not None else "-"
-        lines.append(f"{f.pair:<62} {f.direction:<5} {f.mbps:>9.1f} {f.retransmits:>8} {cpu:>9} {ratio:>10}")
-    return "\n".join(lines)
+def missing_tools(*tools: str) -> list[str]:
+    """What of `tools` is not on PATH, plus "root" when not running as root."""
+    out = [] if os.geteuid() == 0 else ["root"]
+    return out + [t for t in tools if shutil.which(t) is None]

@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                         prefix_chars="\0")
     sp.add_argument("bridge_args", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_bridge)
-    sp = sub.add_parser("bench", help="benchmarks (see `wgpy bench --help`)", add_help=False)
+    sp = sub.add_parser("bench", help="benchmarks against wireguard-go and the raw AEAD (see `wgpy bench --help`)",
+                        add_help=False, prefix_chars="\0")
     sp.add_argument("bench_args", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_bench)
     return p
