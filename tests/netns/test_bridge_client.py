@@ -19,7 +19,7 @@ WGPY = str(Path(sys.executable).with_name("wgpy"))
 # Functional floor: TCP really flows through the bridge. Six processes share the data path on a
 # 2-core machine here, and a 2 s run right after start-up has measured as low as 3.6 Mbit/s (once
 # in ten runs, with 30 ms ping times on the same box); speed is measured by
-# `wgpy bench tunnel --bridge`, not here.
+# `wgpy bench bridge`, not here.
 MIN_MBPS = 1.0
 
 

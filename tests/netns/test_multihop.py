@@ -44,8 +44,8 @@ from .traffic import PingStream, iperf3, ping, received
 
 pytestmark = pytest.mark.netns
 
-# Functional floor, not a benchmark: TCP really flows through both hops (`wgpy bench tunnel
-# --multihop` measures speed). Seven processes share the data path on a 2-core machine.
+# Functional floor, not a benchmark: TCP really flows through both hops (`wgpy bench multihop`
+# measures speed). Seven processes share the data path on a 2-core machine.
 MIN_MBPS = 1.0
 IPERF_SECONDS = 2.0
 # A restarted relay has no session: the client notices after WireGuard's keepalive timeout plus
