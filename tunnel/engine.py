@@ -35,6 +35,7 @@ from typing import Callable
 import trio
 
 from bridge.carrier import BridgeTransport, open_bridge
+from bridge.lwo_transport import LwoPort, LwoTransport
 from bridge.multihop import Reassembler
 from bridge.nested import NestedTransport
 from bridge.spec import BridgeSpec
@@ -89,6 +90,12 @@ class Engine:
         self._socket_ino: tuple[int, int] | None = None
         self._uapi_clients = 0
         self.bridges: dict[bytes, _Bridge] = {}  # bridged peers by public key
+        # LWO (bridge/lwo_transport.py): each LWO peer's transport by public key, the LWO side of
+        # the UDP port, and its receive step while any peer uses LWO (else None: the plain
+        # receive path's only cost is that check).
+        self.lwo: dict[bytes, LwoTransport] = {}
+        self._lwo_port: LwoPort | None = None
+        self._lwo_open: Callable[[list[Datagram]], list[Datagram]] | None = None
         # Multihop: explicit Via by public key; the transport of each nested peer; what picks
         # their datagrams out of the packets the entry delivers.
         self._via: dict[bytes, bytes] = {}
@@ -146,7 +153,7 @@ class Engine:
         elif nested is not None:  # after the set, nesting is decided again for the new address
             self.device.set_endpoint(peer, Endpoint(endpoint[0], endpoint[1], nested.ident), pinned=True)
         else:
-            self.device.set_endpoint(peer, Endpoint(endpoint[0], endpoint[1], UDP))
+            self._set_direct(peer, endpoint)
 
     def set_via(self, peer, entry: bytes | None) -> None:
         """Reach `peer` through the peer whose public key is `entry` (None: as the addresses say).
@@ -167,7 +174,7 @@ class Engine:
         if bridge is None:
             if old is not None and old.placeholder_endpoint:
                 target = None
-            self.device.set_endpoint(peer, None if target is None else Endpoint(*target, UDP))
+            self._set_direct(peer, target)
             return
         ident = self._next_ident
         self._next_ident += 1
@@ -178,6 +185,54 @@ class Engine:
         log.info("%s: a peer now goes through bridge %s", self.ifname, bridge.redacted())
         self._serve(transport)
 
+    def set_obfuscation(self, peer, kind: str | None) -> None:
+        """`kind` "lwo": the peer's datagrams on the UDP port are LWO (bridge/lwo.py), and LWO
+        is accepted on the port; None: plain WireGuard. A bridge or nesting, if the peer has one,
+        carries it instead (LWO applies again once it is reached directly)."""
+        pk = peer.public_key
+        old = self.lwo.get(pk)
+        if kind is not None and old is not None and old.peer is peer:
+            return
+        if old is not None:
+            self._stop_lwo(pk)
+        if kind is not None:
+            port = self._lwo_port
+            if port is None:
+                port = self._lwo_port = LwoPort(self._next_ident, self.udp)
+                self._next_ident += 1
+                self.transports[port.ident] = port
+            transport = LwoTransport(self._next_ident, pk, port, peer)
+            self._next_ident += 1
+            self.lwo[pk] = transport
+            self.transports[transport.ident] = transport
+            log.info("%s: a peer now uses LWO obfuscation", self.ifname)
+        if not peer.pinned:  # reached directly: same address, the new format
+            ep = peer.endpoint
+            self._set_direct(peer, None if ep is None else (ep[0], ep[1]))
+        self._lwo_refresh()
+
+    def _set_direct(self, peer, address: tuple[str, int] | None) -> None:
+        """The peer reached directly on the UDP port: plainly, or through its LWO transport (it
+        roams, keeping that transport: Device.set_endpoint's `via`)."""
+        lwo = self.lwo.get(peer.public_key)
+        if lwo is not None and lwo.peer is peer:
+            self.device.set_endpoint(peer, None if address is None else lwo.endpoint(address), via=lwo.ident)
+        else:
+            self.device.set_endpoint(peer, None if address is None else Endpoint(address[0], address[1], UDP))
+
+    def _stop_lwo(self, public_key: bytes) -> None:
+        transport = self.lwo.pop(public_key)
+        del self.transports[transport.ident]
+        transport.close()
+
+    def _lwo_refresh(self) -> None:
+        """Accept LWO on the port while a peer uses it, keyed with our current public key."""
+        port = self._lwo_port
+        if port is None:
+            return
+        port.set_own_key(self.device.public_key)
+        self._lwo_open = port.open if self.lwo and port.own is not None else None
+
     def extension_lines(self, peer) -> list[str]:
         lines = []
         via = self._via.get(peer.public_key)
@@ -186,6 +241,9 @@ class Engine:
         nested = self.nested.get(peer.public_key)
         if nested is not None:
             lines.append(f"wgpy_entry={nested.entry.hex()}")
+        lwo = self.lwo.get(peer.public_key)
+        if lwo is not None and lwo.peer is peer:
+            lines.append("wgpy_obfuscation=lwo")
         bridged = self._bridge_of(peer)
         if bridged is not None:
             st = bridged.transport.statistics()
@@ -238,6 +296,10 @@ class Engine:
                 log.info("%s: bridge %s stopped: its peer is gone", self.ifname,
                          bridged.transport.spec.redacted())
                 self._stop_bridge(pk)
+        for pk, lwo in list(self.lwo.items()):
+            if self.device.peers.get(pk) is not lwo.peer:
+                self._stop_lwo(pk)
+        self._lwo_refresh()  # also after a new private key
 
     # ------------------------------------------------------------ multihop
 
@@ -280,7 +342,7 @@ class Engine:
                 peer = peers.get(pk)
                 if peer is not None and pk not in self.bridges:
                     ep = peer.endpoint
-                    device.set_endpoint(peer, None if ep is None else Endpoint(ep[0], ep[1], UDP))
+                    self._set_direct(peer, None if ep is None else (ep[0], ep[1]))
         for pk, entry in plan.items():
             transport = self.nested.get(pk)
             if transport is None:
@@ -418,6 +480,8 @@ class Engine:
             self._stop_nested(pk)
         for pk in list(self.bridges):
             self._stop_bridge(pk)
+        for pk in list(self.lwo):
+            self._stop_lwo(pk)
         self.udp.close()
         if self._uapi_sock is not None:
             self._uapi_sock.close()
@@ -471,6 +535,8 @@ class Engine:
     def _inbound(self, batch: list[Datagram]) -> list[Datagram]:
         """One batch of received datagrams through the core: packets to the TUN, and what the
         core answers (returned, for the caller to send)."""
+        if self._lwo_open is not None:
+            batch = self._lwo_open(batch)
         now = trio.current_time()
         result = self.device.inbound(batch, now)
         self._reschedule_timers()

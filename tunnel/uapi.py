@@ -62,12 +62,17 @@ connection on an unknown operation, so a client learns at once that they are not
                                  and says so in `get=wgpy`, it is not an error of the request).
                                  Without it, a peer whose endpoint lies in another peer's allowed ips
                                  (/0 ignored) is nested in that peer all the same.
+    peer key `wgpy_obfuscation=lwo`  send this peer's datagrams on the UDP port as LWO (Mullvad's
+                                 lightweight WireGuard obfuscation, bridge/lwo.py), and accept LWO on
+                                 the port while any peer has it; an empty value makes it plain again.
+                                 A bridge or nesting of the same peer takes precedence.
     operation `get=wgpy`         `get=1`'s reply plus, per peer, `InterfaceSettings.extension_lines`:
                                  the bridge, its counters and the Unix time of its last accepted
                                  reply (`wgpy_bridge=`, ..., `wgpy_bridge_last_reply=`, 0: none),
                                  `wgpy_via=HEX`
                                  (the peer's explicit via) and `wgpy_entry=HEX` (the peer it is
-                                 reached through now, by wgpy_via or detected; absent when direct).
+                                 reached through now, by wgpy_via or detected; absent when direct),
+                                 `wgpy_obfuscation=lwo` for an LWO peer.
                                  `get=1` stays exactly wireguard-go's format, so `wg` and other UAPI
                                  clients never see an extension.
 """
@@ -122,6 +127,7 @@ __all__ = [
     "SetPresharedKey",
     "SetPrivateKey",
     "SetTransaction",
+    "SetObfuscation",
     "SetVia",
     "UapiError",
     "apply_set",
@@ -185,6 +191,9 @@ class InterfaceSettings(Protocol):
         """Reach `peer` through the peer whose public key is `entry` (None: no explicit via, so
         directly or as detected from allowed ips). The entry may not exist yet: nesting is
         resolved after the whole set request. Cannot fail."""
+
+    def set_obfuscation(self, peer, kind: str | None) -> None:
+        """"lwo": the peer's datagrams on the UDP port are LWO; None: plain. Cannot fail."""
 
     def extension_lines(self, peer) -> list[str]:
         """`key=value` lines about `peer` for `get=wgpy`."""
@@ -375,6 +384,11 @@ class SetVia:
 
 
 @dataclass(frozen=True)
+class SetObfuscation:
+    kind: str | None  # "lwo"; None: plain WireGuard
+
+
+@dataclass(frozen=True)
 class SetKeepalive:
     seconds: int
 
@@ -395,7 +409,8 @@ class Remove:
     pass
 
 
-PeerOp = Union[SetPresharedKey, SetEndpoint, SetBridge, SetVia, SetKeepalive, ReplaceAllowedIPs, AllowedIP, Remove]
+PeerOp = Union[SetPresharedKey, SetEndpoint, SetBridge, SetVia, SetObfuscation, SetKeepalive, ReplaceAllowedIPs,
+               AllowedIP, Remove]
 DeviceOp = Union[SetPrivateKey, ReplacePeers]
 
 
@@ -430,7 +445,7 @@ class SetTransaction:
 _DEVICE_KEYS = frozenset({"private_key", "listen_port", "fwmark", "replace_peers"})
 _PEER_KEYS = frozenset({
     "update_only", "remove", "preshared_key", "endpoint", "persistent_keepalive_interval",
-    "replace_allowed_ips", "allowed_ip", "protocol_version", "wgpy_bridge", "wgpy_via",
+    "replace_allowed_ips", "allowed_ip", "protocol_version", "wgpy_bridge", "wgpy_via", "wgpy_obfuscation",
 })
 
 # The value grammars (keys, numbers, prefixes, endpoints) are tunnel/grammar.py's, shared with
@@ -458,6 +473,14 @@ def _via(value: str, peer: bytes) -> bytes | None:
     if entry == peer:
         raise BadValue("a peer cannot be reached via itself")
     return entry
+
+
+def _obfuscation(value: str) -> str | None:
+    if not value:
+        return None
+    if value != "lwo":
+        raise BadValue(f"{show(value)} is not an obfuscation wgpy knows (lwo, or empty for none)")
+    return value
 
 
 def _allowed_ip(value: str) -> AllowedIP:
@@ -525,6 +548,8 @@ def parse_set(lines: list[str]) -> SetTransaction:
                     op = SetBridge(_bridge(value))
                 elif key == "wgpy_via":
                     op = SetVia(_via(value, section[0]))
+                elif key == "wgpy_obfuscation":
+                    op = SetObfuscation(_obfuscation(value))
                 elif key == "replace_allowed_ips":
                     _true(value)
                     op = ReplaceAllowedIPs()
@@ -634,6 +659,8 @@ def apply_set(tx: SetTransaction, device, iface: InterfaceSettings) -> None:
                 iface.set_bridge(peer, op.bridge)
             elif isinstance(op, SetVia):
                 iface.set_via(peer, op.entry)
+            elif isinstance(op, SetObfuscation):
+                iface.set_obfuscation(peer, op.kind)
             elif isinstance(op, SetPresharedKey):
                 device.set_preshared_key(peer, op.key)
             elif isinstance(op, SetKeepalive):
@@ -766,6 +793,7 @@ class PeerStatus:
     # now (`wgpy_entry`: by via or detected from allowed ips; None when reached directly).
     via: bytes | None = None
     entry: bytes | None = None
+    obfuscation: str | None = None  # wgpy-daemon only: "lwo" (`wgpy_obfuscation`), None: plain
 
 
 @dataclass
@@ -835,6 +863,8 @@ def parse_get_reply(ifname: str, text: str) -> InterfaceStatus:
                 peer.via = hex_key(value) if value else None
             elif key == "wgpy_entry":
                 peer.entry = hex_key(value) if value else None
+            elif key == "wgpy_obfuscation":
+                peer.obfuscation = value or None
         except BadValue as exc:
             raise ControlError(f"{ifname}: malformed reply from the daemon, line {n}: {uapi_name(key)}: {exc}") from None
     return status

@@ -35,6 +35,7 @@ class FakeIface:
         self.mark_error: OSError | None = None
         self.bridges: dict = {}
         self.vias: dict = {}
+        self.obfuscation: dict = {}
 
     def set_listen_port(self, port: int) -> None:
         self.calls.append(("port", port))
@@ -60,6 +61,10 @@ class FakeIface:
             self.vias.pop(peer.public_key, None)
         else:
             self.vias[peer.public_key] = entry
+
+    def set_obfuscation(self, peer, kind: str | None) -> None:
+        self.calls.append(("obfuscation", kind))
+        self.obfuscation[peer.public_key] = kind
 
     def extension_lines(self, peer) -> list[str]:
         bridge = self.bridges.get(peer.public_key)
@@ -662,7 +667,7 @@ VALID_PEER = [
     "persistent_keepalive_interval=0", "persistent_keepalive_interval=25", "replace_allowed_ips=true",
     "allowed_ip=10.0.0.0/8", "allowed_ip=-10.0.0.0/8", "allowed_ip=10.0.0.0/24", "allowed_ip=::/0",
     "allowed_ip=-::/0", "allowed_ip=0.0.0.0/0", "allowed_ip=-0.0.0.0/0", "protocol_version=1",
-    f"wgpy_via={bytes(range(1, 33)).hex()}", "wgpy_via=",
+    f"wgpy_via={bytes(range(1, 33)).hex()}", "wgpy_via=", "wgpy_obfuscation=lwo", "wgpy_obfuscation=",
 ]
 section = st.builds(
     lambda pk, lines: [f"public_key={pk.hex()}", *lines],
@@ -1089,3 +1094,24 @@ def test_client_get_falls_back_to_get_1_and_set_reports_refusal(tmp_path):
     assert received == [b"get=wgpy\n\n", b"get=1\n\n", b"set=1\nlisten_port=1\n\n"]
     with pytest.raises(ControlError, match="no such WireGuard interface"):
         get_status("wg8", str(tmp_path))
+
+
+# ---------------------------------------------------------------------------- wgpy_obfuscation
+
+
+def test_wgpy_obfuscation_is_parsed_applied_and_read_back():
+    tx = parse_set([f"public_key={PK1.hex()}", "wgpy_obfuscation=lwo", f"public_key={PK2.hex()}", "wgpy_obfuscation="])
+    assert tx.peers[0].ops == (uapi.SetObfuscation("lwo"),) and tx.peers[1].ops == (uapi.SetObfuscation(None),)
+    dev, iface = configured()
+    apply_set(tx, dev, iface)
+    assert iface.obfuscation == {PK1: "lwo", PK2: None}
+    status = uapi.parse_get_reply("wg0", f"public_key={PK1.hex()}\nwgpy_obfuscation=lwo\npublic_key={PK2.hex()}\n")
+    assert [p.obfuscation for p in status.peers] == ["lwo", None]
+
+
+@pytest.mark.parametrize("value", ["LWO", "xor", "lwo ", "on", "1"])
+def test_wgpy_obfuscation_refuses_what_it_does_not_know(value):
+    with pytest.raises(UapiError) as info:
+        parse_set([f"public_key={PK1.hex()}", f"wgpy_obfuscation={value}"])
+    assert info.value.errno == uapi.EINVAL and "line 2: 'wgpy_obfuscation'" in info.value.message
+    assert "lwo, or empty" in info.value.message

@@ -236,14 +236,18 @@ class Device:
         are accepted from `peer` even outside its allowed IPs; nothing else changes."""
         peer.carries = frozenset(addresses)
 
-    def set_endpoint(self, peer: Peer, endpoint: Endpoint | None, *, pinned: bool = False) -> None:
+    def set_endpoint(self, peer: Peer, endpoint: Endpoint | None, *, pinned: bool = False,
+                     via: int | None = None) -> None:
         """Where `peer` is (None: unknown until it sends to us). Unpinned, the peer roams: it moves
         to the source of each authenticated packet from it. `pinned` keeps it at `endpoint`
         whatever the source, and answers its handshakes there (a peer reached through a bridge:
         a packet that arrives some other way must not move our replies off that path). Setting
-        it again unpinned lets it roam again."""
+        it again unpinned lets it roam again. `via` (unpinned only): the peer roams, but its
+        address only: whatever transport a packet came in by, the peer stays on transport `via`
+        (an LWO peer: the address of its datagrams on the UDP port, their format ours to choose)."""
         peer.endpoint = endpoint
         peer.pinned = pinned
+        peer.roam_via = None if pinned else via
 
     def set_preshared_key(self, peer: Peer, preshared_key: bytes | None) -> None:
         key = preshared_key or bytes(32)
@@ -337,7 +341,8 @@ class Device:
         response, transport data) received from `src`: a roaming peer moves to `src`, a pinned
         one stays. Returns where an answer goes: the endpoint (None: pinned and unknown)."""
         if not peer.pinned:
-            peer.endpoint = src
+            via = peer.roam_via
+            peer.endpoint = src if via is None or src[2] == via else Endpoint(src[0], src[1], via)
         return peer.endpoint
 
     def _handshake_complete(self, peer: Peer, now: float) -> None:

@@ -27,6 +27,7 @@ class Peer:
         "cookie",
         "endpoint",
         "pinned",
+        "roam_via",
         "carries",
         "staged",
         "rx_bytes",
@@ -53,6 +54,7 @@ class Peer:
         # the rule in Device._authenticated_from.
         self.endpoint: Endpoint | None = None
         self.pinned = False
+        self.roam_via: int | None = None  # roaming keeps this Endpoint.via (Device.set_endpoint)
         # Packed addresses of nested hops reached through this peer (Device.set_carries).
         self.carries: frozenset[bytes] = frozenset()
         # Packets waiting for a session, oldest first (bounded by the device).
