@@ -8,10 +8,14 @@
 The format is the one wg-quick(8) reads: `[Interface]` and `[Peer]` sections of `Key = Value`
 lines. wg-quick takes MTU, Table, DNS, Address, PreUp, PostUp, PreDown, PostDown and SaveConfig
 out of [Interface] and hands everything else to `wg setconf` (wg(8), src/config.c). wgpy adds two
+[Interface] keys, `KillSwitch` and `AllowLAN` (on/off: tunnel/killswitch.py; AllowLAN = on needs
+KillSwitch = on), which `wgpy up` takes out like wg-quick's own, and two
 peer keys: `Bridge`, a carrier URL that another module validates, and `Via`, the base64 public
 key of another peer of the file through which this one is reached (multihop; bridge/multihop.py
 holds the rules: no unknown peer, not itself, no cycle, one level at most). A Via'd peer (an
 exit) may not have a Bridge: a bridge wraps only the first hop, so it belongs on the entry.
+A third peer key, `Obfuscation = lwo` (any case; `off` for none), sends the peer's datagrams as
+LWO (bridge/lwo.py) on the UDP port; it cannot go with Bridge or Via (they carry the peer instead).
 
     nest = nesting(cfg, endpoints)                # {exit key: entry key}: Via, else detected
 
@@ -155,6 +159,10 @@ class InterfaceConfig:
     pre_down: list[str] = field(default_factory=list)
     post_down: list[str] = field(default_factory=list)
     save_config: bool = False
+    kill_switch: bool = False  # wgpy extension: KillSwitch = on (tunnel/killswitch.py)
+    allow_lan: bool = False  # wgpy extension: AllowLAN = on (only with the kill switch)
+    # canonical key name -> line of its (first) value, for FILE:LINE messages (not compared)
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def __repr__(self) -> str:
         return _safe_repr(self, ("private_key",))
@@ -169,6 +177,7 @@ class PeerConfig:
     persistent_keepalive: int | None = None  # "off" -> None
     bridge: str | None = None  # the `Bridge = ...` value as written (bridge/spec.py checked it)
     via: bytes | None = None  # `Via = ...`: the public key of the peer this one is reached through
+    obfuscation: str | None = None  # `Obfuscation = lwo` (wgpy): LWO on the UDP port; None: plain
     line: int = field(default=0, compare=False)  # line of the [Peer] header (not compared)
     # canonical key name -> line of its (first) value, for FILE:LINE messages (not compared)
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -285,6 +294,16 @@ def _save_config(value: str, notes: list) -> bool:
     raise BadValue(f"{show(value)} is neither true nor false")
 
 
+def _on_off(value: str, notes: list) -> bool:
+    """KillSwitch, AllowLAN: on/off (or true/false, as SaveConfig), any case."""
+    lower = value.lower()
+    if lower in ("on", "true"):
+        return True
+    if lower in ("off", "false"):
+        return False
+    raise BadValue(f"{show(value)} is neither on nor off")
+
+
 def _public_key(value: str, notes: list) -> bytes:
     return base64_key(value)
 
@@ -333,6 +352,13 @@ def _via(value: str, notes: list) -> bytes:
     return base64_key(value)
 
 
+def _obfuscation(value: str, notes: list) -> str | None:
+    lower = value.lower()
+    if lower in ("lwo", "off"):
+        return None if lower == "off" else lower
+    raise BadValue(f"{show(value)} is not an obfuscation wgpy knows (lwo, or off)")
+
+
 _Handler = Callable[[str, list], object]
 
 # canonical name -> handler; the lists below say which keys accumulate.
@@ -349,6 +375,8 @@ _INTERFACE_KEYS: dict[str, _Handler] = {
     "PreDown": _hook,
     "PostDown": _hook,
     "SaveConfig": _save_config,
+    "KillSwitch": _on_off,
+    "AllowLAN": _on_off,
 }
 _PEER_KEYS: dict[str, _Handler] = {
     "PublicKey": _public_key,
@@ -358,6 +386,7 @@ _PEER_KEYS: dict[str, _Handler] = {
     "PersistentKeepalive": _keepalive,
     "Bridge": _bridge,
     "Via": _via,
+    "Obfuscation": _obfuscation,
 }
 _REPEATABLE = frozenset({"Address", "DNS", "PreUp", "PostUp", "PreDown", "PostDown", "AllowedIPs"})
 _BY_LOWER = {
@@ -507,7 +536,14 @@ def _build(
                 pre_down=interface.many("PreDown"),
                 post_down=interface.many("PostDown"),
                 save_config=interface.one("SaveConfig", False),
+                kill_switch=interface.one("KillSwitch", False),
+                allow_lan=interface.one("AllowLAN", False),
+                lines=dict(interface.lines),
             )
+        if interface.one("AllowLAN", False) and not interface.one("KillSwitch", False):
+            err(interface.lines["AllowLAN"],
+                "AllowLAN = on opens the kill switch to the local network, but KillSwitch is not on "
+                "(add KillSwitch = on, or remove AllowLAN)")
 
     out: list[PeerConfig] = []
     first_line: dict[bytes, int] = {}
@@ -541,6 +577,7 @@ def _build(
                 persistent_keepalive=sec.one("PersistentKeepalive"),
                 bridge=sec.one("Bridge"),
                 via=sec.one("Via"),
+                obfuscation=sec.one("Obfuscation"),
                 line=sec.line,
                 lines=dict(sec.lines),
             )
@@ -601,6 +638,10 @@ def _via_errors(path: str, peers: list[PeerConfig]) -> list[tuple[int, str]]:
             errors.append((p.lines.get("Bridge", p.line),
                            f"Bridge on a peer reached Via another peer: a bridge wraps only the first hop; "
                            f"put it on the entry peer ([Peer] on line {by_key[p.via].line})"))
+        if p.obfuscation is not None and (p.bridge is not None or p.via is not None):
+            errors.append((p.lines.get("Obfuscation", p.line),
+                           f"Obfuscation on a peer with {'Bridge' if p.bridge is not None else 'Via'}: LWO is a way "
+                           f"to send on the UDP port, and this peer's datagrams go another way"))
     return errors
 
 
@@ -776,6 +817,8 @@ def uapi_set_lines(config: Config, endpoints: dict[int, tuple[str, int]] | None 
             lines.append(f"wgpy_bridge={bridges[i]}")
         if peer.via is not None:
             lines.append(f"wgpy_via={peer.via.hex()}")
+        if peer.obfuscation is not None:
+            lines.append(f"wgpy_obfuscation={peer.obfuscation}")
         if peer.persistent_keepalive is not None:
             lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
         lines.append("replace_allowed_ips=true")
@@ -806,6 +849,10 @@ def render_config(config: Config) -> str:
         out.append(_value("Table", iface.table))
     if iface.save_config:
         out.append("SaveConfig = true")
+    if iface.kill_switch:
+        out.append("KillSwitch = on")
+    if iface.allow_lan:
+        out.append("AllowLAN = on")
     for key, cmds in (("PreUp", iface.pre_up), ("PostUp", iface.post_up), ("PreDown", iface.pre_down),
                       ("PostDown", iface.post_down)):
         out += [_value(key, c) for c in cmds]
@@ -828,4 +875,6 @@ def render_config(config: Config) -> str:
             out.append(_value("Bridge", peer.bridge))
         if peer.via is not None:
             out.append(f"Via = {encode_base64_key(peer.via)}")
+        if peer.obfuscation is not None:
+            out.append(f"Obfuscation = {peer.obfuscation}")
     return "\n".join(out) + "\n"

@@ -5,6 +5,10 @@ Without -f the command returns once the TUN device and /var/run/wireguard/IFNAME
 the daemon running in the background and logging to /var/log/wgpy/IFNAME.log. It exits on
 SIGINT/SIGTERM, when the link is deleted, or when its socket file is removed. The log file is
 created only when there is something to log (LOG_LEVEL, below).
+
+`--kill-switch` (what `wgpy up` passes for `KillSwitch = on`): keep the first-hop sets of the
+nftables table `wgpy up` made (tunnel/killswitch.py) equal to where the daemon sends. The daemon
+never creates or removes that table: it outlives the daemon until `wgpy down`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 
 import trio
 
+from . import killswitch
 from .engine import Engine
 from .tun import valid_ifname
 
@@ -66,7 +71,7 @@ def _setup_logging(ifname: str, foreground: bool) -> None:
     root.setLevel(_log_level())
 
 
-async def _serve(ifname: str, ready) -> int:
+async def _serve(ifname: str, ready, kill_switch: bool = False) -> int:
     try:
         engine = Engine(ifname)
     except OSError as exc:
@@ -80,6 +85,8 @@ async def _serve(ifname: str, ready) -> int:
                 ready(f"{ifname}: {exc.strerror or exc}")
                 return 1
             ready(None)
+            if kill_switch:
+                nursery.start_soon(killswitch.follow, engine)
 
             async def on_signal():
                 async for signum in signals:
@@ -101,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="wgpy-daemon", description="Userspace WireGuard interface (wireguard-go compatible).")
     p.add_argument("--version", action="version", version=f"wgpy-daemon {version()}")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    p.add_argument("--kill-switch", action="store_true",
+                   help="keep the kill switch's allowed first hops (made by `wgpy up`) up to date")
     p.add_argument("ifname", metavar="IFNAME")
     args = p.parse_args(argv)
     if not valid_ifname(args.ifname):
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             if error:
                 print(f"wgpy-daemon: {error}", file=sys.stderr)
 
-        return trio.run(_serve, args.ifname, ready)
+        return trio.run(_serve, args.ifname, ready, args.kill_switch)
 
     # Background: the child reports readiness (or the error) through a pipe before we return.
     rfd, wfd = os.pipe()
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         wfd = -1
 
     try:
-        code = trio.run(_serve, args.ifname, ready)
+        code = trio.run(_serve, args.ifname, ready, args.kill_switch)
     except BaseException as exc:  # never die silently in the background
         logging.getLogger("wgpy").exception("daemon crashed")
         ready(f"daemon crashed: {exc}")

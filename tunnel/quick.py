@@ -9,6 +9,13 @@ the MTU is taken on the path to the *entry* peer's endpoint (or its bridge's ser
 80 bytes per nesting level; the host route for an exit's own address (the entry's AllowedIPs
 entry that is exactly the exit's endpoint /32 or /128) is not added, since the exit's datagrams
 never pass through the host's routing table.
+
+Kill switch (`KillSwitch = on`, tunnel/killswitch.py): its nftables table is made first, before
+the daemon starts, with the first hops the config names (endpoints, bridge servers, the entry of
+a chain) and the daemon's fwmark (chosen as for a full tunnel when the config has none), and
+journaled so that it is undone last: `down` removes it only after the interface is gone, and a
+daemon that dies leaves it in place. The daemon (`wgpy-daemon --kill-switch`) keeps its
+first-hop sets current. An `up` after a crash replaces the stale table in one transaction.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from bridge.shadowsocks import METHODS, ServerConfig, format_uri
 from bridge.spec import BridgeError, BridgeSpec, parse_bridge
 
 from . import config as wgconfig
-from . import netconfig, uapi
+from . import killswitch, netconfig, uapi
 from .netconfig import Journal, NetError, run
 
 WGPY_DAEMON = str(Path(sys.executable).with_name("wgpy-daemon"))
@@ -447,45 +454,114 @@ def up(target: str, *, out=print) -> str:
     mtu = plan_mtu(cfg, endpoints, bridges, nest)
     exit_hosts = exit_host_routes(cfg, endpoints, nest)
     # Full tunnels mark the tunnel's own traffic (the bridges' too): chosen before anything runs.
+    # The kill switch matches the tunnel's own packets by their mark too: it gets one as well.
     fwmark = iface.fwmark
-    if iface.table == "auto" and any(n.prefixlen == 0 for p in cfg.peers for n in p.allowed_ips) and not fwmark:
+    full = iface.table == "auto" and any(n.prefixlen == 0 for p in cfg.peers for n in p.allowed_ips)
+    if (full or iface.kill_switch) and not fwmark:
         fwmark = DEFAULT_TABLE
         while netconfig.table_in_use(fwmark):
             fwmark += 1
+    ks = kill_switch_plan(cfg, ifname, endpoints, bridges, nest, fwmark) if iface.kill_switch else None
+    if ks is not None:
+        if run(["nft", "--version"], check=False).returncode != 0:
+            raise UpError(f"{cfg.path}: KillSwitch = on needs nftables (`nft`), which is not installed")
+        for w in dns_route_warnings(cfg):
+            out(w, file=sys.stderr)
 
     # SIGINT, SIGTERM or SIGHUP from here on (a slow PostUp, Ctrl-C): undo, say so, fail.
     handlers = {signum: signal.signal(signum, _on_signal) for signum in netconfig.INTERRUPTS}
     try:
-        return _up(ifname, path, cfg, endpoints, bridges, mtu, exit_hosts, fwmark, out=out)
+        return _up(ifname, path, cfg, endpoints, bridges, mtu, exit_hosts, fwmark, ks, out=out)
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
 
 
+def kill_switch_plan(cfg: wgconfig.Config, ifname: str, endpoints: dict[int, tuple[str, int]],
+                     bridges: dict[int, BridgeSpec], nest: dict[bytes, bytes], fwmark: int) -> killswitch.KillSwitch:
+    """What the kill switch allows at `up`, from the config: each peer's first hop (its bridge's
+    server, by TCP for udp2tcp and UDP for Shadowsocks; else its resolved endpoint over UDP;
+    nothing for a peer reached through another), the DNS servers, AllowLAN, and IPv6 blocked
+    when no peer's AllowedIPs hold any IPv6. The daemon takes over the hops once it runs."""
+    hops = []
+    for i, peer in enumerate(cfg.peers):
+        if peer.public_key in nest:
+            continue  # carried inside its entry's tunnel: never on the wire by itself
+        if i in bridges:
+            host, port = bridges[i].server
+            hops.append((host, "tcp" if bridges[i].kind == "udp2tcp" else "udp", port))
+        elif i in endpoints:
+            hops.append((endpoints[i][0], "udp", endpoints[i][1]))
+    iface = cfg.interface
+    return killswitch.KillSwitch(
+        ifname, fwmark=fwmark or 0, hops=killswitch.hops_of(hops), allow_lan=iface.allow_lan,
+        dns=tuple(iface.dns_servers),
+        block_ipv6=not any(n.version == 6 for p in cfg.peers for n in p.allowed_ips))
+
+
+def dns_route_warnings(cfg: wgconfig.Config) -> list[str]:
+    """With the kill switch, DNS goes only through the tunnel: a DNS server outside every peer's
+    AllowedIPs is never routed there, so every query to it would be dropped. Say so."""
+    nets = [n for p in cfg.peers for n in p.allowed_ips]
+    line = cfg.interface.lines.get("DNS", 0)
+    out = []
+    for server in cfg.interface.dns_servers:
+        plain = ipaddress.ip_address(str(server).split("%", 1)[0])
+        if not any(plain.version == n.version and plain in n for n in nets):
+            out.append(f"Warning: {cfg.path}{f':{line}' if line else ''}: DNS server {plain} is in no peer's "
+                       "AllowedIPs: the kill switch lets DNS only through the tunnel, so queries to it "
+                       "will be dropped")
+    return out
+
+
+def _install_kill_switch(journal: Journal, ks: killswitch.KillSwitch) -> None:
+    """Make the kill switch's table, replacing a stale one of the same name in the same
+    transaction. Its removal is journaled first: if nft fails, the rollback still removes a
+    stale table the failed replacement left (and finds nothing to remove otherwise)."""
+    table = killswitch.table_name(ks.ifname)
+    with netconfig.signals_deferred():
+        journal.record({"cmd": ["nft", "delete", "table", "inet", table], "may_fail": True, "kill_switch": True})
+        try:
+            killswitch.apply(killswitch.render(ks))
+        except killswitch.KillSwitchError as exc:
+            raise UpError(f"kill switch: {exc}") from None
+
+
 def _up(ifname: str, path: str, cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]],
-        bridges: dict[int, BridgeSpec], mtu: int, exit_hosts: set, fwmark: int, *, out=print) -> str:
+        bridges: dict[int, BridgeSpec], mtu: int, exit_hosts: set, fwmark: int,
+        ks: killswitch.KillSwitch | None = None, *, out=print) -> str:
     iface = cfg.interface
     journal = None
     try:
         with netconfig.signals_deferred():
             stale = Journal.load(ifname)
             if stale is not None:  # left by a crash: the interface is gone, so undo what remains
+                if ks is not None:  # its kill switch stays until the new one replaces it atomically
+                    stale.undo = [e for e in stale.undo if not e.get("kill_switch")]
                 stale.rollback()
                 stale.remove()
             journal = Journal(ifname)
             journal.meta = {"config": path, "pre_down": iface.pre_down, "post_down": iface.post_down,
                             "save_config": iface.save_config}
+        if ks is not None:
+            # First, so that it is undone last: `down` removes it once the interface is gone.
+            out(f"[#] nft -f - (kill switch: table inet {killswitch.table_name(ifname)})", file=sys.stderr)
+            _install_kill_switch(journal, ks)
+        with netconfig.signals_deferred():
             # Recorded before the daemon starts: an interruption while it starts still undoes it.
             journal.undo.append({"cmd": ["ip", "link", "del", "dev", ifname], "may_fail": True})
             journal.save()
         _hook(iface.pre_up, ifname, "PreUp")
-        out(f"[#] {WGPY_DAEMON} {ifname}", file=sys.stderr)
-        r = subprocess.run([WGPY_DAEMON, ifname], capture_output=True, text=True, timeout=30)
+        argv = [WGPY_DAEMON, *(["--kill-switch"] if ks is not None else []), ifname]
+        out(f"[#] {' '.join(argv)}", file=sys.stderr)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         if r.returncode != 0:
             raise UpError(r.stderr.strip() or f"wgpy-daemon {ifname} failed")
         _wait_for_socket(ifname)
 
         lines = wgconfig.uapi_set_lines(cfg, endpoints, {i: spec.uri for i, spec in bridges.items()})
+        if ks is not None:  # the mark the kill switch expects, on the very first packet
+            lines = [f"fwmark={fwmark}" if line.startswith("fwmark=") else line for line in lines]
         uapi.set_config(ifname, lines)
 
         for addr in iface.addresses:
