@@ -84,6 +84,8 @@ def format_text(status: InterfaceStatus, now: float) -> str:
             note = (" (as the bridge server sees it)" if p.bridge
                     else " (reached inside the entry's tunnel)" if p.entry is not None else "")
             lines.append(f"  endpoint: {_endpoint(p)}{note}")
+        if p.obfuscation:
+            lines.append(f"  obfuscation: {p.obfuscation}")
         for exit_key in carries.get(p.public_key, []):
             lines.append(f"  carries: {encode_base64_key(exit_key)}")
         if p.bridge:
@@ -128,6 +130,7 @@ def as_json(statuses: list[InterfaceStatus], now: float) -> str:
                 "bridge_rx_packets": p.bridge_rx_packets,
                 "bridge_dropped": p.bridge_dropped,
                 "via": encode_base64_key(p.via) if p.via is not None else None,
+                "obfuscation": p.obfuscation,
                 "entry": encode_base64_key(p.entry) if p.entry is not None else None,
                 "latest_handshake_seconds_ago": int(now) - p.latest_handshake if p.latest_handshake else None,
             })

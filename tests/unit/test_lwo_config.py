@@ -60,3 +60,15 @@ def test_obfuscation_with_a_bridge_or_via_is_an_error():
         parse(text)
     (_, line, message), = info.value.errors
     assert line == 14 and "Obfuscation on a peer with Via" in message
+
+
+def test_wgpy_show_names_the_obfuscation():
+    from tunnel import show  # noqa: PLC0415 (only this test needs it)
+
+    def status(obfuscation):
+        return uapi.InterfaceStatus("wg0", peers=[uapi.PeerStatus(bytes([0x11] * 32), endpoint=("192.0.2.1", 51820),
+                                                                  obfuscation=obfuscation)])
+
+    assert "\n  obfuscation: lwo\n" in show.format_text(status("lwo"), 0)
+    assert "obfuscation" not in show.format_text(status(None), 0)
+    assert '"obfuscation": "lwo"' in show.as_json([status("lwo")], 0)
