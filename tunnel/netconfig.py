@@ -121,12 +121,27 @@ class Journal:
 
     def cmd(self, argv: list[str], undo: list[str] | None, *, input: str | None = None,
             may_fail: bool = False) -> None:
-        """Run `argv`; on success record `undo` (run in reverse order by `rollback`). `may_fail`:
-        the undo may find its work already done (e.g. an address gone with its link)."""
+        """Run `argv` and record `undo` (run in reverse order by `rollback`). `may_fail`: the undo
+        may find its work already done (e.g. an address gone with its link).
+
+        The undo is written down before the command runs (as one that may fail, since the
+        command may not have run), so a SIGKILL between the two, which signals_deferred cannot
+        hold back, still leaves `wgpy down` a record of it; once the command succeeded the entry
+        gets its real `may_fail`, and a command that failed takes its entry back out."""
         with signals_deferred():
-            run(argv, input=input)
-            if undo is not None:
-                self.record({"cmd": undo, "may_fail": may_fail} if may_fail else {"cmd": undo})
+            if undo is None:
+                run(argv, input=input)
+                return
+            self.record({"cmd": undo, "may_fail": True})
+            try:
+                run(argv, input=input)
+            except BaseException:
+                self.undo.pop()
+                self.save()
+                raise
+            if not may_fail:
+                self.undo[-1] = {"cmd": undo}
+                self.save()
 
     def rollback(self) -> list[str]:
         """Undo everything, newest first. Returns what could not be undone (never raises)."""

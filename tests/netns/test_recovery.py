@@ -213,17 +213,13 @@ def host_state(ns, ifname: str) -> dict:
 STEPS = [
     ("after-daemon-and-setconf", "address add"),
     ("after-address", "link set mtu"),
-    pytest.param("after-policy-rule", "rule add", marks=pytest.mark.xfail(strict=True, reason=(
-        "tunnel/netconfig.py Journal.cmd runs the command, then records its undo: a kill -9 in "
-        "between leaves the `not fwmark` rule, which `down` then never removes (record the undo, "
-        "may_fail, before running)"))),
+    ("after-policy-rule", "rule add"),  # failed before Journal.cmd recorded the undo first
     ("after-routes", "route add 0.0.0.0/0"),
     ("during-postup", None),
 ]
 
 
-@pytest.mark.parametrize("step,pattern", STEPS, ids=[
-    s.values[0] if hasattr(s, "values") else s[0] for s in STEPS])
+@pytest.mark.parametrize("step,pattern", STEPS, ids=[s[0] for s in STEPS])
 def test_kill_9_of_up_at_each_step_then_down_restores(netlab, step, pattern):
     a, _ = two_hosts(netlab)
     isolated_resolv_conf(netlab, a, "nameserver 192.0.2.53\nsearch example.org\n")
