@@ -7,10 +7,12 @@ A peer may list several ways, in order of preference:
 `Fallback` decides which one is in use. The engine polls it (about once a second, and after
 every handshake event) with the peer's handshake state, and applies what it returns:
 
-* A way **fails** when the handshake made on it goes unanswered for `attempts` retries beyond
-  those it had when it was chosen (WireGuard retries every REKEY_TIMEOUT = 5 s, so with the
-  default 2 that is the first initiation and two retries, 10-15 s). The next way in the list is
-  tried, wrapping around, so a network that blocks everything keeps cycling until one works.
+* A way **fails** when `attempts` + 1 handshake initiations in a row went out on it unanswered.
+  WireGuard sends one every REKEY_TIMEOUT (5 s), so with the default 2 a way has 15 s. The
+  engine polls just before its timers fire, so the retry that is due goes out on the next way
+  (`retries`: the peer's count of retries of its current handshake; a way chosen mid-handshake
+  has the retry about to be sent as its first initiation). The next way in the list is tried,
+  wrapping around, so a network that blocks everything keeps cycling until one works.
 * A way **works** once a handshake completes on it. It is kept as long as handshakes keep
   completing; when later ones go unanswered the same rule moves on.
 * While a way other than the first works, the earlier ones are **tried again later**: after
@@ -34,10 +36,13 @@ RETRY_MAX = 1800.0  # the longest wait between such probes
 
 @dataclass(frozen=True)
 class Switch:
-    """Use way `index` from now on; `reason` says why, for the log and `wgpy show`."""
+    """Use way `index` from now on; `reason` says why, for the log and `wgpy show`.
+    `handshake_now`: start a handshake on it at once (a probe; after a failure the retry that is
+    due does it)."""
 
     index: int
     reason: str
+    handshake_now: bool = False
 
 
 class Fallback:
@@ -56,7 +61,8 @@ class Fallback:
         self.home: int | None = None  # the way that worked before a probe of the earlier ones
         self._backoff = retry_after
         self._retry_at: float | None = None
-        self._base: int | None = None  # handshake retries when the way was chosen
+        self._base = 0  # the retry count at which the current way's first initiation went out
+        self._last_retries = 0
         self._seen: object = None  # the last `handshake` value seen
         self._started = False
 
@@ -74,21 +80,21 @@ class Fallback:
         if not self._started:
             self._started = True
             self._seen = handshake
-            self._base = retries
+            self._base = self._last_retries = retries
         if handshake != self._seen:
             self._seen = handshake
             if handshake is not None:
                 self._completed(now)
-        base = self._base if self._base is not None else retries
-        if retries < base:  # a new handshake started: count from it
-            base = retries
-        self._base = base
-        if self.count > 1 and retries - base >= self.attempts:
-            return self._move((self.index + 1) % self.count, now, retries, "no handshake completed on it")
+        if retries < self._last_retries:  # a new handshake started: count from its first initiation
+            self._base = retries
+        self._last_retries = retries
+        if self.count > 1 and retries - self._base >= self.attempts:
+            # The retry about to go out is the new way's first initiation.
+            return self._move((self.index + 1) % self.count, retries + 1, "no handshake completed on it")
         if self._retry_at is not None and now >= self._retry_at and self.working and self.index > 0:
             self.home = self.index
             self._backoff = min(self._backoff * 2, self.retry_max)
-            return self._move(0, now, retries, "trying the earlier ways again")
+            return self._move(0, retries, "trying the earlier ways again", handshake_now=True)
         return None
 
     def _completed(self, now: float) -> None:
@@ -98,9 +104,9 @@ class Fallback:
         self.home = None
         self._retry_at = now + self._backoff if self.index > 0 else None
 
-    def _move(self, index: int, now: float, retries: int, reason: str) -> Switch:
+    def _move(self, index: int, base: int, reason: str, handshake_now: bool = False) -> Switch:
         self.index = index
         self.working = False
-        self._base = retries
+        self._base = base
         self._retry_at = None
-        return Switch(index, reason)
+        return Switch(index, reason, handshake_now)

@@ -10,85 +10,100 @@ from hypothesis import strategies as st
 from bridge.fallback import ATTEMPTS, RETRY_AFTER, RETRY_MAX, Fallback, Switch
 
 
-def test_stays_on_the_first_way_while_handshakes_complete():
-    fb = Fallback(3)
-    assert fb.poll(0.0, 0, None) is None
-    assert fb.poll(1.0, 1, None) is None  # one retry: not yet
-    assert fb.poll(2.0, 0, 1.5) is None  # completed
-    assert fb.index == 0 and fb.working
-    assert fb.next_deadline() is None  # nothing earlier to go back to
+class Wire:
+    """WireGuard's side of it, as the engine drives the policy: an initiation goes out on the
+    current way at once and then every 5 s (a retry) until one is answered; the policy is polled
+    just before each retry; an answered initiation completes the handshake, which resets the
+    retry count. `works(t)`: the ways that get through at time t."""
+
+    def __init__(self, fb: Fallback, works) -> None:
+        self.fb, self.works = fb, works
+        self.t, self.retries, self.handshake, self.pending = 0.0, 0, None, True
+        self.sent: list[tuple[float, int]] = []  # (time, way) of every initiation
+        self.switches: list[tuple[float, Switch]] = []
+        fb.poll(0.0, 0, None)
+        self._send()
+
+    def _send(self) -> None:
+        self.sent.append((self.t, self.fb.index))
+        if self.fb.index in self.works(self.t):
+            self.handshake, self.retries, self.pending = self.t, 0, False
+            assert self.fb.poll(self.t, 0, self.handshake) is None  # the engine polls after a handshake
+
+    def run(self, until: float) -> None:
+        while self.t < until:
+            deadline = self.fb.next_deadline()
+            nxt = self.t + 5.0 if self.pending else (deadline if deadline is not None else until)
+            if nxt > until:
+                self.t = until
+                return
+            self.t = max(nxt, self.t)
+            sw = self.fb.poll(self.t, self.retries, self.handshake)
+            if sw is not None:
+                self.switches.append((self.t, sw))
+            if sw is not None and sw.handshake_now:
+                self.pending = True
+                self._send()
+            elif self.pending:
+                self.retries += 1
+                self._send()
 
 
-def test_moves_on_after_unanswered_retries_and_wraps_around():
-    fb = Fallback(3, attempts=2)
-    fb.poll(0.0, 0, None)
-    assert fb.poll(5.0, 1, None) is None
-    assert fb.poll(10.0, 2, None) == Switch(1, "no handshake completed on it")
-    # The engine starts a new handshake on the new way: retries count from there.
-    assert fb.poll(10.1, 0, None) is None
-    assert fb.poll(15.0, 1, None) is None
-    assert fb.poll(20.0, 2, None) == Switch(2, "no handshake completed on it")
-    assert fb.poll(30.0, 2, None) is None  # the count is from the switch, not from zero
-    assert fb.poll(35.0, 4, None) == Switch(0, "no handshake completed on it")
+def test_stays_on_the_first_way_while_it_works():
+    wire = Wire(Fallback(3), lambda t: {0})
+    wire.run(600)
+    assert wire.switches == [] and wire.fb.working and wire.fb.next_deadline() is None
 
 
-def test_retries_that_continue_across_a_switch_count_from_the_switch():
-    fb = Fallback(2, attempts=2)
-    fb.poll(0.0, 3, None)  # first seen mid-handshake: counts from 3
-    assert fb.poll(1.0, 4, None) is None
-    assert fb.poll(2.0, 5, None) == Switch(1, "no handshake completed on it")
-    assert fb.poll(3.0, 6, None) is None
+def test_each_way_gets_three_initiations_then_the_next_is_tried():
+    wire = Wire(Fallback(3, attempts=2), lambda t: {2})
+    wire.run(59)
+    assert wire.sent[:7] == [(0, 0), (5, 0), (10, 0), (15, 1), (20, 1), (25, 1), (30, 2)]
+    assert [(t, s.index) for t, s in wire.switches] == [(15, 1), (30, 2)]
+    assert wire.fb.index == 2 and wire.fb.working
+
+
+def test_everything_blocked_keeps_cycling():
+    wire = Wire(Fallback(2, attempts=2), lambda t: set())
+    wire.run(89)
+    assert [s.index for _, s in wire.switches] == [1, 0, 1, 0, 1]
+
+
+def test_earlier_ways_are_tried_again_with_backoff_and_the_working_one_kept():
+    # The first way is blocked for good: probes every 30, 60, 120 s... capped at 100.
+    wire = Wire(Fallback(2, attempts=2, retry_after=30.0, retry_max=100.0), lambda t: {1})
+    wire.run(600)
+    probes = [t for t, s in wire.switches if s.reason == "trying the earlier ways again"]
+    assert probes[:4] == [15 + 30, 45 + 15 + 60, 120 + 15 + 100, 235 + 15 + 100]
+    assert all(s.handshake_now for t, s in wire.switches if t in probes)
+    assert wire.fb.index == 1 or wire.t - max(probes) < 15
+
+
+def test_unblocked_first_way_is_returned_to_and_the_backoff_reset():
+    blocked_until = 100.0
+    wire = Wire(Fallback(2, attempts=2, retry_after=30.0, retry_max=1800.0),
+                lambda t: {1} if t < blocked_until else {0, 1})
+    wire.run(400)
+    # 15: to the second way; 45: probe fails (back at 60); 120: probe works and stays.
+    assert [(t, s.index) for t, s in wire.switches] == [(15, 1), (45, 0), (60, 1), (120, 0)]
+    assert wire.fb.index == 0 and wire.fb.working and wire.fb.next_deadline() is None
+    assert wire.fb._backoff == 30.0
+
+
+def test_a_working_way_that_breaks_later_is_left():
+    wire = Wire(Fallback(2, attempts=2), lambda t: {0} if t < 50 else {1})
+    wire.run(50)
+    assert wire.switches == []
+    wire.pending = True  # traffic after t=50 needs a new handshake (retries start from 0)
+    wire.run(120)
+    assert wire.fb.index == 1 and wire.fb.working
+    assert wire.switches[0] == (65, Switch(1, "no handshake completed on it"))
 
 
 def test_a_single_way_never_switches():
-    fb = Fallback(1)
-    fb.poll(0.0, 0, None)
-    for t in range(1, 50):
-        assert fb.poll(float(t), t, None) is None
-
-
-def test_earlier_ways_are_tried_again_with_backoff():
-    fb = Fallback(2, attempts=2, retry_after=30.0, retry_max=100.0)
-    fb.poll(0.0, 0, None)
-    assert fb.poll(10.0, 2, None).index == 1
-    fb.poll(10.5, 0, None)
-    assert fb.poll(11.0, 0, 11.0) is None  # works on the second way
-    assert fb.next_deadline() == pytest.approx(41.0)
-    assert fb.poll(40.0, 0, 11.0) is None
-    assert fb.poll(41.0, 0, 11.0) == Switch(0, "trying the earlier ways again")
-    assert fb.home == 1
-    # The first way still fails: back to the second, and the next probe waits twice as long.
-    fb.poll(41.1, 0, 11.0)
-    assert fb.poll(51.0, 2, 11.0).index == 1
-    fb.poll(51.1, 0, 11.0)
-    fb.poll(52.0, 0, 52.0)
-    assert fb.next_deadline() == pytest.approx(52.0 + 60.0)
-    assert fb.poll(112.0, 0, 52.0).index == 0
-    fb.poll(112.1, 0, 52.0)
-    assert fb.poll(122.0, 2, 52.0).index == 1
-    fb.poll(122.1, 0, 52.0)
-    fb.poll(123.0, 0, 123.0)
-    assert fb.next_deadline() == pytest.approx(123.0 + 100.0)  # capped at retry_max
-
-
-def test_a_probe_that_succeeds_stays_and_resets_the_backoff():
-    fb = Fallback(3, attempts=1, retry_after=10.0, retry_max=80.0)
-    fb.poll(0.0, 0, None)
-    assert fb.poll(5.0, 1, None).index == 1
-    fb.poll(5.1, 0, None)
-    assert fb.poll(10.0, 1, None).index == 2
-    fb.poll(10.1, 0, None)
-    fb.poll(11.0, 0, 11.0)
-    assert fb.poll(21.0, 0, 11.0).index == 0  # probe
-    fb.poll(21.1, 0, 11.0)
-    fb.poll(22.0, 0, 22.0)  # the first way works again
-    assert fb.index == 0 and fb.working and fb.home is None
-    assert fb.next_deadline() is None
-    # Later, the first way breaks: the next probe waits retry_after again, not the doubled wait.
-    assert fb.poll(100.0, 1, 22.0).index == 1
-    fb.poll(100.1, 0, 22.0)
-    fb.poll(101.0, 0, 101.0)
-    assert fb.next_deadline() == pytest.approx(111.0)
+    wire = Wire(Fallback(1), lambda t: set())
+    wire.run(200)
+    assert wire.switches == []
 
 
 def test_no_probe_while_the_current_way_is_not_working():
@@ -96,7 +111,7 @@ def test_no_probe_while_the_current_way_is_not_working():
     fb.poll(0.0, 0, None)
     assert fb.poll(1.0, 3, None).index == 1
     assert fb.next_deadline() is None
-    assert fb.poll(100.0, 0, None) is None  # never worked there: nothing to fall back from
+    assert fb.poll(100.0, 3, None) is None  # never worked there: nothing to fall back from
 
 
 @pytest.mark.parametrize("kwargs", [{"attempts": 0}, {"retry_after": 0}, {"retry_after": 10, "retry_max": 5}])
@@ -107,9 +122,10 @@ def test_bad_settings_are_refused(kwargs):
         Fallback(0)
 
 
-def test_defaults_switch_within_a_bounded_time():
-    # WireGuard retries every 5 s (+ jitter up to 1/3 s): the first way is left after ATTEMPTS retries.
-    assert ATTEMPTS * 5.34 < 15
+def test_defaults_leave_a_blocked_way_within_20_seconds():
+    wire = Wire(Fallback(3), lambda t: {2})
+    wire.run(120)
+    assert wire.switches[0][0] <= 20 and (ATTEMPTS + 1) * 5 <= 20
     assert RETRY_AFTER <= RETRY_MAX
 
 
