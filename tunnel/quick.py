@@ -463,8 +463,13 @@ def up(target: str, *, out=print) -> str:
             fwmark += 1
     ks = kill_switch_plan(cfg, ifname, endpoints, bridges, nest, fwmark) if iface.kill_switch else None
     if ks is not None:
-        if run(["nft", "--version"], check=False).returncode != 0:
-            raise UpError(f"{cfg.path}: KillSwitch = on needs nftables (`nft`), which is not installed")
+        try:
+            usable = run(["nft", "--version"], check=False).returncode == 0
+        except NetError:  # not installed
+            usable = False
+        if not usable:
+            line = iface.lines.get("KillSwitch", 0)
+            raise UpError(f"{cfg.path}:{line}: KillSwitch = on needs nftables (`nft`), which is not installed")
         for w in dns_route_warnings(cfg):
             out(w, file=sys.stderr)
 

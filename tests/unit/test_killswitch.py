@@ -18,10 +18,13 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bridge.spec import parse_bridge
 from transport.memory import MemoryNetwork
+from tunnel import config as wgconfig
 from tunnel import killswitch
 from tunnel.config import ConfigError, parse_config, render_config
 from tunnel.killswitch import Hop, KillSwitch, hops_of, render, render_hops, table_name
+from tunnel.quick import dns_route_warnings, kill_switch_plan
 
 from ..helpers import ip4
 from .test_engine import A_ADDR, A_IN, B_ADDR, B_IN, MemoryBridge, Node, peer_lines, socket_dir  # noqa: F401
@@ -350,3 +353,42 @@ async def test_engine_first_hops_plain_bridged_and_nested(socket_dir):
         await a.set(f"public_key={exit_.public.hex()}", "wgpy_via=")
         assert ("198.51.100.9", "udp", 51820) in a.engine.first_hops()
         nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------- the plan `wgpy up` makes
+
+
+def _plan(text: str, endpoints: dict, bridges: dict | None = None):
+    cfg = parse_config(text, "wg0.conf")
+    nest = wgconfig.nesting(cfg, endpoints)
+    specs = {i: parse_bridge(uri) for i, uri in (bridges or {}).items()}
+    return cfg, kill_switch_plan(cfg, "wg0", endpoints, specs, nest, 0xCA6C)
+
+
+def test_plan_first_hops_from_the_config():
+    text = (f"[Interface]\nPrivateKey = {KEY}\nKillSwitch = on\nAllowLAN = on\nDNS = 10.64.0.1, fd00::53, lan\n"
+            f"[Peer]\nPublicKey = {PEER}\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 10.64.0.0/24\n"
+            f"[Peer]\nPublicKey = {PEER2}\nEndpoint = 198.51.100.9:51820\nAllowedIPs = 0.0.0.0/0\nVia = {PEER}\n")
+    cfg, plan = _plan(text, {0: ("192.0.2.1", 51820), 1: ("198.51.100.9", 51820)})
+    # The exit travels inside the entry: only the entry is a first hop. No IPv6 AllowedIP: blocked.
+    assert plan == KillSwitch("wg0", 0xCA6C, hops_of([("192.0.2.1", "udp", 51820)]), allow_lan=True,
+                              dns=(ipaddress.ip_address("10.64.0.1"), ipaddress.ip_address("fd00::53")),
+                              block_ipv6=True)
+
+
+@pytest.mark.parametrize("uri, hop", [
+    ("udp2tcp://203.0.113.9:443", ("203.0.113.9", "tcp", 443)),
+    ("ss://aes-256-gcm:pw@[2001:db8::9]:8388", ("2001:db8::9", "udp", 8388)),
+])
+def test_plan_a_bridged_peer_is_its_bridge_server(uri, hop):
+    text = (f"[Interface]\nPrivateKey = {KEY}\nKillSwitch = on\n"
+            f"[Peer]\nPublicKey = {PEER}\nEndpoint = 127.0.0.1:51820\nAllowedIPs = 0.0.0.0/0, ::/0\nBridge = {uri}\n")
+    _, plan = _plan(text, {0: ("127.0.0.1", 51820)}, {0: uri})
+    assert plan.hops == hops_of([hop]) and not plan.block_ipv6
+
+
+def test_a_dns_server_outside_the_tunnel_is_warned_about_with_its_line():
+    cfg = parse_config(f"[Interface]\nPrivateKey = {KEY}\nKillSwitch = on\nDNS = 10.64.0.1, 192.0.2.53\n"
+                       f"[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.64.0.0/24\n", "wg0.conf")
+    warnings = dns_route_warnings(cfg)
+    assert len(warnings) == 1 and warnings[0].startswith("Warning: wg0.conf:4: DNS server 192.0.2.53 is in no peer's")
