@@ -106,6 +106,17 @@ def table_name(ifname: str) -> str:
     return f"wgpy-ksx-{ifname.encode().hex()}"
 
 
+def other_tables(listing: str, ours: str) -> list[str]:
+    """The kill-switch tables in `nft list tables` output other than `ours`."""
+    out = []
+    for line in listing.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[:2] == ["table", "inet"] and words[2] != ours \
+                and words[2].startswith(("wgpy-ks-", "wgpy-ksx-")):
+            out.append(words[2])
+    return out
+
+
 def hops_of(entries: Iterable[tuple[str, str, int]]) -> frozenset[Hop]:
     """Hops from (address, "udp"|"tcp", port) as the engine reports them. Entries that are no
     numeric address (a scope is dropped), no known protocol or no valid port are left out: they

@@ -467,9 +467,14 @@ def up(target: str, *, out=print) -> str:
             usable = run(["nft", "--version"], check=False).returncode == 0
         except NetError:  # not installed
             usable = False
+        line = iface.lines.get("KillSwitch", 0)
         if not usable:
-            line = iface.lines.get("KillSwitch", 0)
             raise UpError(f"{cfg.path}:{line}: KillSwitch = on needs nftables (`nft`), which is not installed")
+        # Two kill switches would each drop the other's tunnel: refuse, naming the other one.
+        ours = killswitch.table_name(ifname)
+        for table in killswitch.other_tables(run(["nft", "list", "tables"], check=False).stdout, ours):
+            raise UpError(f"{cfg.path}:{line}: another kill switch is active here (nftables table inet {table}); "
+                          "only one tunnel can have one: take that one down first")
         for w in dns_route_warnings(cfg):
             out(w, file=sys.stderr)
 

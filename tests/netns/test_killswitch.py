@@ -274,6 +274,17 @@ def test_full_tunnel_only_the_first_hop_leaves_also_after_sigkill_until_down(lab
 
 
 def test_up_failing_half_way_removes_the_kill_switch(lab):
+    # Another interface's kill switch: refused before anything changes (each would drop the
+    # other's tunnel).
+    nft(lab.c, "table inet wgpy-ks-wgother {\n}\n")
+    before = lab.ruleset()
+    lab.write(lab.config())
+    r = lab.wgpy("up", lab.path)
+    assert r.returncode == 1 and "another kill switch is active here (nftables table inet wgpy-ks-wgother)" in r.stderr
+    assert r.stderr.startswith(f"wgpy: {lab.path}:4: "), r.stderr  # the KillSwitch line
+    assert lab.ruleset() == before and not lab.c.link_exists(lab.ifname)
+    lab.c.run(["nft", "delete", "table", "inet", "wgpy-ks-wgother"])
+
     before = lab.ruleset()
     lab.write(lab.config(extra=f"KillSwitch = on\nDNS = {TUN_S}\nPostUp = exit 1\n"))
     r = lab.wgpy("up", lab.path)

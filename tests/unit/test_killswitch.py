@@ -132,6 +132,13 @@ def test_hops_of_keeps_every_valid_entry_canonical(entries):
                     for a, p, port in entries}
 
 
+def test_other_kill_switch_tables_are_found_in_a_listing():
+    listing = ("table inet wgpy-ks-wg0\ntable ip wgpy-wg1\ntable inet wgpy-ksx-612b62\ntable inet filter\n"
+               "table ip wgpy-ks-wg9\n")
+    assert killswitch.other_tables(listing, "wgpy-ks-wg0") == ["wgpy-ksx-612b62"]
+    assert killswitch.other_tables(listing, "wgpy-ks-wg5") == ["wgpy-ks-wg0", "wgpy-ksx-612b62"]
+
+
 def test_hops_of_leaves_out_what_cannot_be_sent_to():
     assert hops_of([("vpn.example.net", "udp", 1), ("10.0.0.1", "icmp", 1), ("10.0.0.1", "udp", 0),
                     ("10.0.0.1", "udp", 65536)]) == frozenset()
