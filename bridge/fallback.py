@@ -7,12 +7,12 @@ A peer may list several ways, in order of preference:
 `Fallback` decides which one is in use. The engine polls it (about once a second, and after
 every handshake event) with the peer's handshake state, and applies what it returns:
 
-* A way **fails** when `attempts` + 1 handshake initiations in a row went out on it unanswered.
-  WireGuard sends one every REKEY_TIMEOUT (5 s), so with the default 2 a way has 15 s. The
-  engine polls just before its timers fire, so the retry that is due goes out on the next way
-  (`retries`: the peer's count of retries of its current handshake; a way chosen mid-handshake
-  has the retry about to be sent as its first initiation). The next way in the list is tried,
-  wrapping around, so a network that blocks everything keeps cycling until one works.
+* A way **fails** when `attempts` + 1 handshake initiations went out on it, none was answered
+  by a completed handshake, and the latest has waited ANSWER_WAIT (4 s) for its answer.
+  WireGuard sends one every REKEY_TIMEOUT (5 s) while it wants a session, and the engine polls
+  every second, so the switch comes before the next initiation, which goes out on the next way;
+  with the default 2 a way has 15 s. The next way in the list is tried, wrapping around, so a
+  network that blocks everything keeps cycling until one works.
 * A way **works** once a handshake completes on it. It is kept as long as handshakes keep
   completing; when later ones go unanswered the same rule moves on.
 * While a way other than the first works, the earlier ones are **tried again later**: after
@@ -28,10 +28,21 @@ the peer's latest one), so this module holds no references into the protocol cor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
+
+from .spec import BridgeError, BridgeSpec, parse_bridge
+
+DIRECT = "direct"
+LWO = "lwo"
+Way = Union[str, BridgeSpec]  # DIRECT, LWO, or a bridge
+MAX_WAYS = 8
 
 ATTEMPTS = 2  # unanswered handshake retries on a way before the next is tried
 RETRY_AFTER = 30.0  # seconds on a later way before the earlier ones are tried again
 RETRY_MAX = 1800.0  # the longest wait between such probes
+# An initiation unanswered this long is lost: WireGuard sends the next at REKEY_TIMEOUT (5 s), and
+# the poll that judges it must come before that one (the engine polls every second).
+ANSWER_WAIT = 4.0
 
 
 @dataclass(frozen=True)
@@ -61,8 +72,7 @@ class Fallback:
         self.home: int | None = None  # the way that worked before a probe of the earlier ones
         self._backoff = retry_after
         self._retry_at: float | None = None
-        self._base = 0  # the retry count at which the current way's first initiation went out
-        self._last_retries = 0
+        self._base = 0  # initiations sent before the current way was chosen (or last worked)
         self._seen: object = None  # the last `handshake` value seen
         self._started = False
 
@@ -74,31 +84,30 @@ class Fallback:
         """When `poll` has something to do by the clock alone (a probe of the earlier ways)."""
         return self._retry_at
 
-    def poll(self, now: float, retries: int, handshake: object) -> Switch | None:
-        """`retries`: retries of the peer's current handshake (they fall back to 0 when a new
-        handshake starts); `handshake`: a value that changes when a handshake completes."""
+    def poll(self, now: float, sent: int, last_sent: float | None, handshake: object) -> Switch | None:
+        """`sent`: handshake initiations sent to the peer so far (a counter that only grows);
+        `last_sent`: when the latest went out (the caller's clock); `handshake`: a value that
+        changes when a handshake completes."""
         if not self._started:
             self._started = True
             self._seen = handshake
-            self._base = self._last_retries = retries
+            self._base = sent
         if handshake != self._seen:
             self._seen = handshake
             if handshake is not None:
-                self._completed(now)
-        if retries < self._last_retries:  # a new handshake started: count from its first initiation
-            self._base = retries
-        self._last_retries = retries
-        if self.count > 1 and retries - self._base >= self.attempts:
-            # The retry about to go out is the new way's first initiation.
-            return self._move((self.index + 1) % self.count, retries + 1, "no handshake completed on it")
+                self._completed(now, sent)
+        if (self.count > 1 and sent - self._base > self.attempts and last_sent is not None
+                and now - last_sent >= ANSWER_WAIT):
+            return self._move((self.index + 1) % self.count, sent, "no handshake completed on it")
         if self._retry_at is not None and now >= self._retry_at and self.working and self.index > 0:
             self.home = self.index
             self._backoff = min(self._backoff * 2, self.retry_max)
-            return self._move(0, retries, "trying the earlier ways again", handshake_now=True)
+            return self._move(0, sent, "trying the earlier ways again", handshake_now=True)
         return None
 
-    def _completed(self, now: float) -> None:
+    def _completed(self, now: float, sent: int) -> None:
         self.working = True
+        self._base = sent  # initiations from here on are judged afresh
         if self.home is not None and self.index < self.home:
             self._backoff = self.retry_after  # an earlier way is back
         self.home = None
@@ -110,3 +119,36 @@ class Fallback:
         self._base = base
         self._retry_at = None
         return Switch(index, reason, handshake_now)
+
+
+def parse_ways(text: str, *, numeric: bool = False) -> tuple[Way, ...]:
+    """`direct, lwo, ss://..., udp2tcp://HOST:PORT` -> the ways, in order. Raises BridgeError
+    naming the position of a bad one (never quoting it: an ss:// URI holds a password)."""
+    ways: list[Way] = []
+    items = [item.strip() for item in text.split(",")]
+    if len(items) > MAX_WAYS:
+        raise BridgeError(f"at most {MAX_WAYS} ways to reach a peer")
+    for n, item in enumerate(items, 1):
+        if item.lower() in (DIRECT, LWO):
+            way: Way = item.lower()
+        elif not item:
+            raise BridgeError(f"way {n} of {len(items)} is empty")
+        else:
+            try:
+                way = parse_bridge(item, numeric=numeric)
+            except BridgeError as exc:
+                raise BridgeError(f"way {n} of {len(items)}: {exc}" if len(items) > 1 else str(exc)) from None
+        if way in ways:
+            raise BridgeError(f"way {n} of {len(items)} repeats an earlier one")
+        ways.append(way)
+    return tuple(ways)
+
+
+def describe(way: Way) -> str:
+    """For logs and `wgpy show`: never the password."""
+    return way if isinstance(way, str) else way.redacted()
+
+
+def format_ways(ways: tuple[Way, ...]) -> str:
+    """The UAPI value (bridges as their canonical URI, which holds the password)."""
+    return ",".join(w if isinstance(w, str) else w.uri for w in ways)

@@ -34,6 +34,7 @@ from typing import Callable
 
 import trio
 
+from bridge import fallback
 from bridge.carrier import BridgeTransport, open_bridge
 from bridge.lwo_transport import LwoPort, LwoTransport
 from bridge.multihop import Reassembler
@@ -44,7 +45,7 @@ from transport.udp import UdpTransport
 
 from . import netlink, uapi
 from .noise import Device
-from .noise.events import describe
+from .noise.events import describe, short_key
 from .tun import Tun
 
 log = logging.getLogger("wgpy")
@@ -55,6 +56,7 @@ SOCKET_DIR = "/var/run/wireguard"
 UAPI_IDLE_TIMEOUT = 30.0  # a client that sends nothing for this long is disconnected
 UAPI_MAX_CONNECTIONS = 32
 UAPI_READ_SIZE = 65536
+FALLBACK_POLL = 1.0  # seconds between looks at the handshakes of peers with several ways
 
 
 class Engine:
@@ -90,6 +92,8 @@ class Engine:
         self._socket_ino: tuple[int, int] | None = None
         self._uapi_clients = 0
         self.bridges: dict[bytes, _Bridge] = {}  # bridged peers by public key
+        # Peers with several ways to reach them (bridge/fallback.py), by public key.
+        self.fallbacks: dict[bytes, _Fallback] = {}
         # LWO (bridge/lwo_transport.py): each LWO peer's transport by public key, the LWO side of
         # the UDP port, and its receive step while any peer uses LWO (else None: the plain
         # receive path's only cost is that check).
@@ -211,6 +215,52 @@ class Engine:
             self._set_direct(peer, None if ep is None else (ep[0], ep[1]))
         self._lwo_refresh()
 
+    def set_fallback(self, peer, ways: tuple | None) -> None:
+        """Reach `peer` by the first of `ways` that works; the timer task moves between them
+        (_poll_fallbacks). None: off, the way in use stays."""
+        pk = peer.public_key
+        old = self.fallbacks.get(pk)
+        if ways is None:
+            self.fallbacks.pop(pk, None)
+            return
+        if old is not None and old.peer is peer and old.ways == ways:
+            return  # the same list again: keep the way in use and what was learnt
+        fb = self.fallbacks[pk] = _Fallback(peer, ways, fallback.Fallback(len(ways)))
+        self._use_way(fb, 0, "the first way configured")
+
+    def _use_way(self, fb: "_Fallback", index: int, reason: str) -> None:
+        way = fb.ways[index]
+        peer = fb.peer
+        fb.reason = reason
+        if isinstance(way, BridgeSpec):
+            self.set_obfuscation(peer, None)
+            self.set_bridge(peer, way)
+        else:
+            self.set_bridge(peer, None)
+            self.set_obfuscation(peer, "lwo" if way == fallback.LWO else None)
+        log.info("%s: %s: now reached by way %d of %d, %s (%s)", self.ifname, short_key(peer.public_key),
+                 index + 1, len(fb.ways), fallback.describe(way), reason)
+        self.first_hops_changed.set()  # the kill switch follows the way in use
+        self.first_hops_changed = trio.Event()
+
+    def _poll_fallbacks(self, now: float) -> list[Datagram]:
+        """Before the timers fire: move a peer whose way went unanswered to its next way (the
+        retry that is due then goes out there), or probe the earlier ways. Returns what a probe's
+        new handshake sends."""
+        out: list[Datagram] = []
+        for pk, fb in list(self.fallbacks.items()):
+            peer = fb.peer
+            if self.device.peers.get(pk) is not peer:
+                del self.fallbacks[pk]
+                continue
+            switch = fb.policy.poll(now, peer.initiations_sent, peer.handshake.last_sent_handshake,
+                                    peer.last_handshake_wall)
+            if switch is not None:
+                self._use_way(fb, switch.index, switch.reason)
+                if switch.handshake_now:
+                    out += self.device.initiate(peer, now)
+        return out
+
     def _set_direct(self, peer, address: tuple[str, int] | None) -> None:
         """The peer reached directly on the UDP port: plainly, or through its LWO transport (it
         roams, keeping that transport: Device.set_endpoint's `via`)."""
@@ -244,6 +294,10 @@ class Engine:
         lwo = self.lwo.get(peer.public_key)
         if lwo is not None and lwo.peer is peer:
             lines.append("wgpy_obfuscation=lwo")
+        fb = self.fallbacks.get(peer.public_key)
+        if fb is not None and fb.peer is peer:
+            lines += [f"wgpy_fallback={','.join(fallback.describe(w) for w in fb.ways)}",
+                      f"wgpy_fallback_in_use={fb.policy.index}"]
         bridged = self._bridge_of(peer)
         if bridged is not None:
             st = bridged.transport.statistics()
@@ -635,12 +689,16 @@ class Engine:
             deadline = device.next_deadline()
             if deadline is None:
                 deadline = trio.current_time() + 3600
+            if self.fallbacks:  # see handshakes complete within a second (fallback's probe timing)
+                deadline = min(deadline, trio.current_time() + FALLBACK_POLL)
             self._sleeping_until = deadline
             with trio.move_on_at(deadline):
                 await self._wake.wait()
             self._sleeping_until = float("-inf")  # awake: no need to be woken
             self._wake = trio.Event()
-            out = device.tick(trio.current_time())
+            now = trio.current_time()
+            out = self._poll_fallbacks(now) if self.fallbacks else []
+            out += device.tick(now)
             if device.events:
                 self._log_events()
             if out:
@@ -795,6 +853,16 @@ class Engine:
             "events": dict(self.device.stats),
             "transports": [t.statistics() for t in self.transports.values()],
         }
+
+
+@dataclass
+class _Fallback:
+    """A peer with several ways to reach it: the ways and the policy choosing among them."""
+
+    peer: object
+    ways: tuple
+    policy: fallback.Fallback
+    reason: str = ""
 
 
 @dataclass

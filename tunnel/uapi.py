@@ -66,6 +66,12 @@ connection on an unknown operation, so a client learns at once that they are not
                                  lightweight WireGuard obfuscation, bridge/lwo.py), and accept LWO on
                                  the port while any peer has it; an empty value makes it plain again.
                                  A bridge or nesting of the same peer takes precedence.
+    peer key `wgpy_fallback=WAY,...`  the ways this peer can be reached, in order (bridge/fallback.py):
+                                 `direct`, `lwo`, or a bridge URI as for `wgpy_bridge`; the daemon
+                                 uses the first, moves to the next when handshakes go unanswered and
+                                 tries the earlier ones again later. It then sets the bridge and
+                                 obfuscation itself; an empty value turns it off (the peer keeps the
+                                 way in use).
     operation `get=wgpy`         `get=1`'s reply plus, per peer, `InterfaceSettings.extension_lines`:
                                  the bridge, its counters and the Unix time of its last accepted
                                  reply (`wgpy_bridge=`, ..., `wgpy_bridge_last_reply=`, 0: none),
@@ -88,6 +94,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Union
 
+from bridge.fallback import parse_ways
 from bridge.spec import BridgeError, BridgeSpec, parse_bridge
 from transport.address import format_address
 
@@ -128,6 +135,7 @@ __all__ = [
     "SetPrivateKey",
     "SetTransaction",
     "SetObfuscation",
+    "SetFallback",
     "SetVia",
     "UapiError",
     "apply_set",
@@ -194,6 +202,10 @@ class InterfaceSettings(Protocol):
 
     def set_obfuscation(self, peer, kind: str | None) -> None:
         """"lwo": the peer's datagrams on the UDP port are LWO; None: plain. Cannot fail."""
+
+    def set_fallback(self, peer, ways: tuple | None) -> None:
+        """Reach `peer` by the first of `ways` that works (bridge/fallback.py); None: off.
+        Cannot fail."""
 
     def extension_lines(self, peer) -> list[str]:
         """`key=value` lines about `peer` for `get=wgpy`."""
@@ -389,6 +401,11 @@ class SetObfuscation:
 
 
 @dataclass(frozen=True)
+class SetFallback:
+    ways: tuple | None  # bridge.fallback.Way values, in order; None: off
+
+
+@dataclass(frozen=True)
 class SetKeepalive:
     seconds: int
 
@@ -409,8 +426,8 @@ class Remove:
     pass
 
 
-PeerOp = Union[SetPresharedKey, SetEndpoint, SetBridge, SetVia, SetObfuscation, SetKeepalive, ReplaceAllowedIPs,
-               AllowedIP, Remove]
+PeerOp = Union[SetPresharedKey, SetEndpoint, SetBridge, SetVia, SetObfuscation, SetFallback, SetKeepalive,
+               ReplaceAllowedIPs, AllowedIP, Remove]
 DeviceOp = Union[SetPrivateKey, ReplacePeers]
 
 
@@ -446,6 +463,7 @@ _DEVICE_KEYS = frozenset({"private_key", "listen_port", "fwmark", "replace_peers
 _PEER_KEYS = frozenset({
     "update_only", "remove", "preshared_key", "endpoint", "persistent_keepalive_interval",
     "replace_allowed_ips", "allowed_ip", "protocol_version", "wgpy_bridge", "wgpy_via", "wgpy_obfuscation",
+    "wgpy_fallback",
 })
 
 # The value grammars (keys, numbers, prefixes, endpoints) are tunnel/grammar.py's, shared with
@@ -463,6 +481,15 @@ def _bridge(value: str) -> BridgeSpec | None:
     try:
         return parse_bridge(value, numeric=True)
     except BridgeError as e:  # never quotes the value: an ss:// URI holds a password
+        raise BadValue(str(e)) from None
+
+
+def _fallback(value: str) -> tuple | None:
+    if not value:
+        return None
+    try:
+        return parse_ways(value, numeric=True)
+    except BridgeError as e:  # never quotes the value
         raise BadValue(str(e)) from None
 
 
@@ -550,6 +577,8 @@ def parse_set(lines: list[str]) -> SetTransaction:
                     op = SetVia(_via(value, section[0]))
                 elif key == "wgpy_obfuscation":
                     op = SetObfuscation(_obfuscation(value))
+                elif key == "wgpy_fallback":
+                    op = SetFallback(_fallback(value))
                 elif key == "replace_allowed_ips":
                     _true(value)
                     op = ReplaceAllowedIPs()
@@ -661,6 +690,8 @@ def apply_set(tx: SetTransaction, device, iface: InterfaceSettings) -> None:
                 iface.set_via(peer, op.entry)
             elif isinstance(op, SetObfuscation):
                 iface.set_obfuscation(peer, op.kind)
+            elif isinstance(op, SetFallback):
+                iface.set_fallback(peer, op.ways)
             elif isinstance(op, SetPresharedKey):
                 device.set_preshared_key(peer, op.key)
             elif isinstance(op, SetKeepalive):

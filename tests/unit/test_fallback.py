@@ -13,22 +13,25 @@ from bridge.fallback import ATTEMPTS, RETRY_AFTER, RETRY_MAX, Fallback, Switch
 class Wire:
     """WireGuard's side of it, as the engine drives the policy: an initiation goes out on the
     current way at once and then every 5 s (a retry) until one is answered; the policy is polled
-    just before each retry; an answered initiation completes the handshake, which resets the
-    retry count. `works(t)`: the ways that get through at time t."""
+    just before each retry and after each handshake. `works(t)`: the ways that get through at
+    time t."""
 
     def __init__(self, fb: Fallback, works) -> None:
         self.fb, self.works = fb, works
-        self.t, self.retries, self.handshake, self.pending = 0.0, 0, None, True
+        self.t, self.handshake, self.pending = 0.0, None, True
         self.sent: list[tuple[float, int]] = []  # (time, way) of every initiation
         self.switches: list[tuple[float, Switch]] = []
-        fb.poll(0.0, 0, None)
+        self.poll()
         self._send()
+
+    def poll(self):
+        return self.fb.poll(self.t, len(self.sent), self.sent[-1][0] if self.sent else None, self.handshake)
 
     def _send(self) -> None:
         self.sent.append((self.t, self.fb.index))
         if self.fb.index in self.works(self.t):
-            self.handshake, self.retries, self.pending = self.t, 0, False
-            assert self.fb.poll(self.t, 0, self.handshake) is None  # the engine polls after a handshake
+            self.handshake, self.pending = self.t, False
+            assert self.poll() is None  # the engine polls after a handshake
 
     def run(self, until: float) -> None:
         while self.t < until:
@@ -38,14 +41,13 @@ class Wire:
                 self.t = until
                 return
             self.t = max(nxt, self.t)
-            sw = self.fb.poll(self.t, self.retries, self.handshake)
+            sw = self.poll()
             if sw is not None:
                 self.switches.append((self.t, sw))
             if sw is not None and sw.handshake_now:
                 self.pending = True
                 self._send()
             elif self.pending:
-                self.retries += 1
                 self._send()
 
 
@@ -94,10 +96,10 @@ def test_a_working_way_that_breaks_later_is_left():
     wire = Wire(Fallback(2, attempts=2), lambda t: {0} if t < 50 else {1})
     wire.run(50)
     assert wire.switches == []
-    wire.pending = True  # traffic after t=50 needs a new handshake (retries start from 0)
+    wire.pending = True  # traffic after t=50 needs a new handshake
     wire.run(120)
     assert wire.fb.index == 1 and wire.fb.working
-    assert wire.switches[0] == (65, Switch(1, "no handshake completed on it"))
+    assert wire.switches[0] == (70, Switch(1, "no handshake completed on it"))  # sent at 55, 60, 65
 
 
 def test_a_single_way_never_switches():
@@ -107,11 +109,29 @@ def test_a_single_way_never_switches():
 
 
 def test_no_probe_while_the_current_way_is_not_working():
-    fb = Fallback(2, attempts=3, retry_after=5.0, retry_max=5.0)
-    fb.poll(0.0, 0, None)
-    assert fb.poll(1.0, 3, None).index == 1
+    fb = Fallback(2, attempts=2, retry_after=5.0, retry_max=5.0)
+    fb.poll(0.0, 0, None, None)
+    assert fb.poll(16.0, 3, 10.0, None).index == 1
     assert fb.next_deadline() is None
-    assert fb.poll(100.0, 3, None) is None  # never worked there: nothing to fall back from
+    assert fb.poll(100.0, 3, 10.0, None) is None  # never worked there: nothing to fall back from
+
+
+def test_a_way_is_judged_only_once_its_latest_initiation_waited_four_seconds():
+    fb = Fallback(2, attempts=2)
+    fb.poll(0.0, 0, None, None)
+    assert fb.poll(11.0, 3, 10.0, None) is None  # the third initiation is 1 s old
+    assert fb.poll(13.9, 3, 10.0, None) is None
+    assert fb.poll(14.0, 3, 10.0, None) == Switch(1, "no handshake completed on it")
+
+
+def test_data_that_keeps_asking_for_a_handshake_does_not_hide_the_failure():
+    # Initiations are counted, not WireGuard's retry counter (which new data resets to zero).
+    fb = Fallback(2, attempts=2)
+    fb.poll(0.0, 5, 0.0, None)  # 5 initiations before: only what follows counts
+    assert fb.poll(5.0, 6, 5.0, None) is None
+    assert fb.poll(10.0, 7, 10.0, None) is None
+    assert fb.poll(15.0, 8, 15.0, None) is None  # 3 sent, the latest only just went out
+    assert fb.poll(20.0, 8, 15.0, None) == Switch(1, "no handshake completed on it")
 
 
 @pytest.mark.parametrize("kwargs", [{"attempts": 0}, {"retry_after": 0}, {"retry_after": 10, "retry_max": 5}])
@@ -130,15 +150,17 @@ def test_defaults_leave_a_blocked_way_within_20_seconds():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.integers(1, 5), st.lists(st.tuples(st.floats(0, 10), st.integers(0, 20), st.booleans()), max_size=60))
+@given(st.integers(1, 5), st.lists(st.tuples(st.floats(0, 10), st.integers(0, 3), st.booleans()), max_size=60))
 def test_any_history_keeps_the_index_in_range_and_time_moving(count, steps):
     fb = Fallback(count, attempts=2, retry_after=3.0, retry_max=12.0)
-    now, handshakes = 0.0, 0
-    for dt, retries, completed in steps:
+    now, handshakes, sent, last = 0.0, 0, 0, None
+    for dt, new, completed in steps:
         now += dt
+        if new:
+            sent, last = sent + new, now
         if completed:
             handshakes += 1
-        switch = fb.poll(now, retries, handshakes or None)
+        switch = fb.poll(now, sent, last, handshakes or None)
         assert 0 <= fb.index < count
         if switch is not None:
             assert switch.index == fb.index and not fb.working

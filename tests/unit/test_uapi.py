@@ -66,6 +66,9 @@ class FakeIface:
         self.calls.append(("obfuscation", kind))
         self.obfuscation[peer.public_key] = kind
 
+    def set_fallback(self, peer, ways) -> None:
+        self.calls.append(("fallback", ways))
+
     def extension_lines(self, peer) -> list[str]:
         bridge = self.bridges.get(peer.public_key)
         via = self.vias.get(peer.public_key)

@@ -366,6 +366,14 @@ class Device:
 
     # ------------------------------------------------------------------ sending
 
+    def initiate(self, peer: Peer, now: float) -> list[Datagram]:
+        """Start a new handshake with `peer` now, as data would (a caller that changed how the
+        peer is reached tests the new way at once; the session in use stays until a new one
+        replaces it). At most one initiation per REKEY_TIMEOUT, as always."""
+        out: list[Datagram] = []
+        self._send_initiation(peer, now, out, is_retry=False)
+        return out
+
     def _send_initiation(self, peer: Peer, now: float, out: list[Datagram], is_retry: bool) -> None:
         timers = peer.timers
         hs = peer.handshake
@@ -394,6 +402,7 @@ class Device:
         timers.any_authenticated_packet_sent(now)
         out.append((bytes(msg), peer.endpoint))
         peer.tx_bytes += INITIATION_SIZE
+        peer.initiations_sent += 1
         self.stats["initiations sent"] += 1
         timers.handshake_initiated(now)
         if self.events is not None:

@@ -33,6 +33,7 @@ class Peer:
         "rx_bytes",
         "tx_bytes",
         "last_handshake_wall",
+        "initiations_sent",
         "keepalive_requested",
         "__weakref__",
     )
@@ -63,6 +64,9 @@ class Peer:
         self.tx_bytes = 0
         # Unix time of the last completed handshake, for `wg show`; None if never.
         self.last_handshake_wall: float | None = None
+        # Handshake initiations sent to this peer, ever (retries included): what a caller
+        # judging whether a way to the peer works counts (bridge/fallback.py).
+        self.initiations_sent = 0
         # Set by configuration (persistent keepalive turned on): the next tick sends a keepalive.
         self.keepalive_requested = False
 
