@@ -43,6 +43,7 @@ RETRY_MAX = 1800.0  # the longest wait between such probes
 # An initiation unanswered this long is lost: WireGuard sends the next at REKEY_TIMEOUT (5 s), and
 # the poll that judges it must come before that one (the engine polls every second).
 ANSWER_WAIT = 4.0
+FAILED = "no handshake completed on it"  # Switch.reason when a way is given up
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class Fallback:
                 self._completed(now, sent)
         if (self.count > 1 and sent - self._base > self.attempts and last_sent is not None
                 and now - last_sent >= ANSWER_WAIT):
-            return self._move((self.index + 1) % self.count, sent, "no handshake completed on it")
+            return self._move((self.index + 1) % self.count, sent, FAILED)
         if self._retry_at is not None and now >= self._retry_at and self.working and self.index > 0:
             self.home = self.index
             self._backoff = min(self._backoff * 2, self.retry_max)

@@ -84,6 +84,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Union
 
 from bridge import multihop
+from bridge.fallback import DIRECT, LWO, parse_ways
 from bridge.spec import BridgeError, parse_bridge
 from transport.address import format_address
 
@@ -341,11 +342,21 @@ def _keepalive(value: str, notes: list) -> int | None:
 
 
 def _bridge(value: str, notes: list) -> str:
+    """One bridge URI, or several ways to try in order (`direct, lwo, ss://..., udp2tcp://...`:
+    automatic fallback, bridge/fallback.py)."""
     try:
-        parse_bridge(value)  # the syntax; `wgpy up` resolves the server's name later
+        if is_fallback(value):
+            parse_ways(value)
+        else:
+            parse_bridge(value)  # the syntax; `wgpy up` resolves the server's name later
     except BridgeError as exc:  # never quotes the value: an ss:// URI holds a password
         raise BadValue(str(exc)) from None
     return value
+
+
+def is_fallback(bridge: str) -> bool:
+    """A Bridge value that lists ways (a comma, or `direct`/`lwo` alone) rather than one bridge."""
+    return "," in bridge or bridge.strip().lower() in (DIRECT, LWO)
 
 
 def _via(value: str, notes: list) -> bytes:
@@ -778,7 +789,7 @@ def _ntop(addr: IPAddress) -> str:
 
 
 def uapi_set_lines(config: Config, endpoints: dict[int, tuple[str, int]] | None = None,
-                   bridges: dict[int, str] | None = None) -> list[str]:
+                   bridges: dict[int, str] | None = None, fallbacks: dict[int, str] | None = None) -> list[str]:
     """The lines `wg setconf` sends after `set=1` (without it and without the final empty line):
     private_key, listen_port and fwmark always (0 when not set), replace_peers=true, then per
     peer public_key, preshared_key, endpoint, persistent_keepalive_interval (when set),
@@ -815,6 +826,8 @@ def uapi_set_lines(config: Config, endpoints: dict[int, tuple[str, int]] | None 
             lines.append(f"endpoint={format_address((_ntop(addr), port))}")
         if bridges is not None and i in bridges:
             lines.append(f"wgpy_bridge={bridges[i]}")
+        if fallbacks is not None and i in fallbacks:  # its ways, servers numeric (`wgpy_fallback=`)
+            lines.append(f"wgpy_fallback={fallbacks[i]}")
         if peer.via is not None:
             lines.append(f"wgpy_via={peer.via.hex()}")
         if peer.obfuscation is not None:

@@ -238,8 +238,10 @@ class Engine:
         else:
             self.set_bridge(peer, None)
             self.set_obfuscation(peer, "lwo" if way == fallback.LWO else None)
-        log.info("%s: %s: now reached by way %d of %d, %s (%s)", self.ifname, short_key(peer.public_key),
-                 index + 1, len(fb.ways), fallback.describe(way), reason)
+        # A way given up is worth a warning (the network blocks something); the rest is routine.
+        log.log(logging.WARNING if reason == fallback.FAILED else logging.INFO,
+                "%s: %s: now reached by way %d of %d, %s (%s)", self.ifname, short_key(peer.public_key),
+                index + 1, len(fb.ways), fallback.describe(way), reason)
         self.first_hops_changed.set()  # the kill switch follows the way in use
         self.first_hops_changed = trio.Event()
 

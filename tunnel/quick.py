@@ -32,6 +32,7 @@ from pathlib import Path
 
 from bridge.multihop import NEST_OVERHEAD, NestingError, check_chains, depth, entry_for
 from bridge.shadowsocks import METHODS, ServerConfig, format_uri
+from bridge.fallback import format_ways, parse_ways
 from bridge.spec import BridgeError, BridgeSpec, parse_bridge
 
 from . import config as wgconfig
@@ -126,7 +127,7 @@ def bridge_plan(cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]]) -> 
     plan: dict[int, BridgeSpec] = {}
     errors = []
     for i, peer in enumerate(cfg.peers):
-        if not peer.bridge:
+        if not peer.bridge or wgconfig.is_fallback(peer.bridge):
             continue
         try:
             spec = parse_bridge(peer.bridge)
@@ -139,6 +140,37 @@ def bridge_plan(cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]]) -> 
     if errors:
         raise wgconfig.ConfigError(errors)
     return plan
+
+
+def fallback_plan(cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]]) -> dict[int, tuple]:
+    """Each peer with several ways (`Bridge = direct, lwo, ss://..., udp2tcp://...`): its ways,
+    bridge servers resolved. Errors are FILE:LINE."""
+    plan: dict[int, tuple] = {}
+    errors = []
+    for i, peer in enumerate(cfg.peers):
+        if not peer.bridge or not wgconfig.is_fallback(peer.bridge):
+            continue
+        try:
+            if i not in endpoints:
+                raise BridgeError("a peer with several ways needs Endpoint: where it is reached directly (and "
+                                  "where the bridge servers deliver its datagrams)")
+            plan[i] = tuple(resolve_bridge(w) if isinstance(w, BridgeSpec) else w for w in parse_ways(peer.bridge))
+        except BridgeError as exc:  # never echoes the value (it may hold a password)
+            errors.append((cfg.path, peer.lines.get("Bridge", peer.line), f"Bridge: {exc}"))
+    if errors:
+        raise wgconfig.ConfigError(errors)
+    return plan
+
+
+def widest_bridges(ways: dict[int, tuple], endpoints: dict[int, tuple[str, int]]) -> dict[int, BridgeSpec]:
+    """For MTU planning: each fallback peer's bridge that adds the most (the tunnel's MTU must
+    fit whichever way is in use)."""
+    out = {}
+    for i, peer_ways in ways.items():
+        specs = [w for w in peer_ways if isinstance(w, BridgeSpec)]
+        if specs:
+            out[i] = max(specs, key=lambda spec: spec.overhead(endpoints.get(i, spec.server)))
+    return out
 
 
 def set_bridges(ifname: str, changes: list[tuple[bytes, str | None]], *, out=print) -> None:
@@ -450,8 +482,9 @@ def up(target: str, *, out=print) -> str:
     endpoints = resolve_endpoints(cfg)
     nest = wgconfig.nesting(cfg, endpoints)  # detection on the resolved endpoints
     bridges = bridge_plan(cfg, endpoints)
+    fallbacks = fallback_plan(cfg, endpoints)
     iface = cfg.interface
-    mtu = plan_mtu(cfg, endpoints, bridges, nest)
+    mtu = plan_mtu(cfg, endpoints, {**bridges, **widest_bridges(fallbacks, endpoints)}, nest)
     exit_hosts = exit_host_routes(cfg, endpoints, nest)
     # Full tunnels mark the tunnel's own traffic (the bridges' too): chosen before anything runs.
     # The kill switch matches the tunnel's own packets by their mark too: it gets one as well.
@@ -481,7 +514,7 @@ def up(target: str, *, out=print) -> str:
     # SIGINT, SIGTERM or SIGHUP from here on (a slow PostUp, Ctrl-C): undo, say so, fail.
     handlers = {signum: signal.signal(signum, _on_signal) for signum in netconfig.INTERRUPTS}
     try:
-        return _up(ifname, path, cfg, endpoints, bridges, mtu, exit_hosts, fwmark, ks, out=out)
+        return _up(ifname, path, cfg, endpoints, bridges, mtu, exit_hosts, fwmark, ks, out=out, fallbacks=fallbacks)
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
@@ -539,7 +572,7 @@ def _install_kill_switch(journal: Journal, ks: killswitch.KillSwitch) -> None:
 
 def _up(ifname: str, path: str, cfg: wgconfig.Config, endpoints: dict[int, tuple[str, int]],
         bridges: dict[int, BridgeSpec], mtu: int, exit_hosts: set, fwmark: int,
-        ks: killswitch.KillSwitch | None = None, *, out=print) -> str:
+        ks: killswitch.KillSwitch | None = None, *, out=print, fallbacks: dict[int, tuple] | None = None) -> str:
     iface = cfg.interface
     journal = None
     try:
@@ -569,7 +602,8 @@ def _up(ifname: str, path: str, cfg: wgconfig.Config, endpoints: dict[int, tuple
             raise UpError(r.stderr.strip() or f"wgpy-daemon {ifname} failed")
         _wait_for_socket(ifname)
 
-        lines = wgconfig.uapi_set_lines(cfg, endpoints, {i: spec.uri for i, spec in bridges.items()})
+        lines = wgconfig.uapi_set_lines(cfg, endpoints, {i: spec.uri for i, spec in bridges.items()},
+                                        {i: format_ways(ways) for i, ways in (fallbacks or {}).items()})
         if ks is not None:  # the mark the kill switch expects, on the very first packet
             lines = [f"fwmark={fwmark}" if line.startswith("fwmark=") else line for line in lines]
         uapi.set_config(ifname, lines)

@@ -86,6 +86,9 @@ def format_text(status: InterfaceStatus, now: float) -> str:
             lines.append(f"  endpoint: {_endpoint(p)}{note}")
         if p.obfuscation:
             lines.append(f"  obfuscation: {p.obfuscation}")
+        if p.fallback:
+            in_use = p.fallback[p.fallback_in_use] if p.fallback_in_use < len(p.fallback) else "?"
+            lines.append(f"  ways: {', '.join(p.fallback)} (in use: {in_use})")
         for exit_key in carries.get(p.public_key, []):
             lines.append(f"  carries: {encode_base64_key(exit_key)}")
         if p.bridge:
@@ -131,6 +134,8 @@ def as_json(statuses: list[InterfaceStatus], now: float) -> str:
                 "bridge_dropped": p.bridge_dropped,
                 "via": encode_base64_key(p.via) if p.via is not None else None,
                 "obfuscation": p.obfuscation,
+                "ways": p.fallback,
+                "way_in_use": p.fallback[p.fallback_in_use] if p.fallback_in_use < len(p.fallback) else None,
                 "entry": encode_base64_key(p.entry) if p.entry is not None else None,
                 "latest_handshake_seconds_ago": int(now) - p.latest_handshake if p.latest_handshake else None,
             })

@@ -825,6 +825,10 @@ class PeerStatus:
     via: bytes | None = None
     entry: bytes | None = None
     obfuscation: str | None = None  # wgpy-daemon only: "lwo" (`wgpy_obfuscation`), None: plain
+    # wgpy-daemon only: the ways to reach the peer (`wgpy_fallback`, bridges without passwords)
+    # and the index of the one in use.
+    fallback: list[str] = field(default_factory=list)
+    fallback_in_use: int = 0
 
 
 @dataclass
@@ -896,6 +900,10 @@ def parse_get_reply(ifname: str, text: str) -> InterfaceStatus:
                 peer.entry = hex_key(value) if value else None
             elif key == "wgpy_obfuscation":
                 peer.obfuscation = value or None
+            elif key == "wgpy_fallback":
+                peer.fallback = value.split(",") if value else []
+            elif key == "wgpy_fallback_in_use":
+                peer.fallback_in_use = uint(value, 64)
         except BadValue as exc:
             raise ControlError(f"{ifname}: malformed reply from the daemon, line {n}: {uapi_name(key)}: {exc}") from None
     return status

@@ -393,7 +393,26 @@ ERROR_CASES = [
     (IFACE + P1 + "Bridge = socks5://h:1\n", 5, ["Bridge: expected ss://"]),
     (IFACE + P1 + "Bridge = udp2tcp://h\n", 5, ["Bridge: udp2tcp://: missing ':port'"]),
     (IFACE + P1 + "Bridge = ss://rc4:pw@h:1\n", 5, ["Bridge:", "method"]),
+    (IFACE + P1 + "Bridge = direct, , lwo\n", 5, ["Bridge:", "way 2 of 3 is empty"]),
+    (IFACE + P1 + "Bridge = direct, lwo, direct\n", 5, ["Bridge:", "way 3 of 3 repeats an earlier one"]),
+    (IFACE + P1 + "Bridge = direct, ss://rc4:pw@h:1\n", 5, ["Bridge:", "way 2 of 2:", "method"]),
 ]
+
+
+def test_bridge_lists_several_ways_and_they_reach_the_daemon_as_wgpy_fallback():
+    from bridge.fallback import format_ways, parse_ways
+    from tunnel.config import is_fallback
+
+    value = "direct, LWO, udp2tcp://203.0.113.9:443, ss://aes-256-gcm:pw@203.0.113.9:8388"
+    cfg = parse(IFACE + P1 + f"Endpoint = 198.51.100.7:51820\nBridge = {value}\n")
+    assert cfg.peers[0].bridge == value and is_fallback(value)
+    assert is_fallback("direct") and is_fallback("lwo") and not is_fallback("udp2tcp://h:1")
+    ways = parse_ways(value, numeric=True)
+    assert ways[:2] == ("direct", "lwo") and ways[2].kind == "udp2tcp" and ways[3].kind == "ss"
+    lines = uapi_set_lines(cfg, None, None, {0: format_ways(ways)})
+    fb = [line for line in lines if line.startswith("wgpy_fallback=")]
+    assert fb == ["wgpy_fallback=direct,lwo,udp2tcp://203.0.113.9:443," + ways[3].uri]
+    assert not any(line.startswith("wgpy_bridge=") for line in lines)
 
 
 @pytest.mark.parametrize("text, line, words", ERROR_CASES)
