@@ -14,10 +14,12 @@ blocked way, the earlier way tried again 30 s after the later one worked) plus s
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from .test_killswitch import PORT, S4, TUN_S, UDP2TCP_PORT, WGPY, Lab, _needs_tools, nft  # noqa: F401
+from .test_lwo import DPI_RULES, dropped, set_lwo
 from .traffic import wait_for_ping
 
 pytestmark = pytest.mark.netns
@@ -69,3 +71,20 @@ def test_udp_blocked_falls_back_to_udp2tcp_and_returns_to_direct(lab):
     assert wait_for_ping(lab.c, TUN_S, 15) is not None, lab.log()
     lab.wait_hops({(S4, "udp", PORT)})
     print(f"FALLBACK | UDP unblocked | udp2tcp -> direct | after {back:.1f} s")
+
+
+def test_wireguard_dpi_falls_back_to_lwo(lab):
+    """A router that drops UDP starting with a WireGuard message type and three zero bytes (the
+    DPI rule of tests/netns/test_lwo.py): `Bridge = direct, lwo` ends on LWO by itself. The
+    server has the client's peer as LWO (`wgpy_obfuscation=lwo`), as a server offering LWO would."""
+    set_lwo(lab.server, SimpleNamespace(keys=lab.client_keys), "lwo")  # the client's peer on the server
+    nft(lab.r, DPI_RULES)
+    start = time.monotonic()
+    lab.up(lab.config(endpoint=S4, extra="", peer_extra="Bridge = direct, lwo\n"))
+    took = wait_for_ping(lab.c, TUN_S, 40)
+    assert took is not None, lab.log()
+    found = time.monotonic() - start
+    assert in_use(lab) == "lwo"
+    assert dropped(lab.r) > 0  # the plain attempts were seen and dropped
+    print(f"\nFALLBACK | WireGuard DPI | direct -> lwo | traffic after {found:.1f} s")
+    assert found < 30
