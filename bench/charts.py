@@ -63,6 +63,27 @@ def _bars(plt, rows: list[Row], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _curves(plt, rows: list[Row], line_of, path: Path, title: str, xlabel: str, ylabel: str,
+            log_x: bool = False) -> None:
+    """One line per `line_of(row)` through the rows' (x, median); references dashed."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for line in dict.fromkeys(line_of(r) for r in rows):
+        pts = sorted((r.x, r.median) for r in rows if line_of(r) == line)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if line.startswith("raw") else "-",
+                marker="o", label=line)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def draw(results: Results, out: Path) -> list[str]:
     """Draw what the results hold into `out`; returns the file names written."""
     plt = _pyplot()
@@ -99,37 +120,16 @@ def draw(results: Results, out: Path) -> list[str]:
 
     core_rows = [r for r in rows if r.scenario == "core" and r.x is not None]
     if core_rows:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for subject in dict.fromkeys(r.subject for r in core_rows):
-            pts = sorted((r.x, r.median) for r in core_rows if r.subject == subject)
-            style = "--" if subject.startswith("raw") else "-"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=subject)
-        ax.set_xlabel("inner packet size (bytes)")
-        ax.set_ylabel("Gbit/s of packets (one core)")
-        ax.set_title("Protocol core against the raw AEAD, by packet size")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "core-throughput.png", dpi=110)
-        plt.close(fig)
+        _curves(plt, core_rows, lambda r: r.subject, out / "core-throughput.png",
+                "Protocol core against the raw AEAD, by packet size", "inner packet size (bytes)",
+                "Gbit/s of packets (one core)")
         written.append("core-throughput.png")
 
     scale_rows = [r for r in rows if r.scenario == "scale" and r.x is not None]
     if scale_rows:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for metric in dict.fromkeys(r.metric for r in scale_rows):
-            pts = sorted((r.x, r.median) for r in scale_rows if r.metric == metric)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=metric)
-        ax.set_xscale("log")
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("peers configured")
-        ax.set_ylabel("packets/s (1420 B)")
-        ax.set_title("Relay core throughput against the number of peers")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "scale-curve.png", dpi=110)
-        plt.close(fig)
+        _curves(plt, scale_rows, lambda r: r.metric, out / "scale-curve.png",
+                "Relay core throughput against the number of peers", "peers configured", "packets/s (1420 B)",
+                log_x=True)
         written.append("scale-curve.png")
 
     latency_rows = [r for r in rows if r.scenario == "latency"]
