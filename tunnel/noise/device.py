@@ -17,7 +17,9 @@ live in `PeerTimers`: the device reports events to it and carries out the action
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -158,6 +160,15 @@ class Device:
         self.identity: Identity | None = None
         self.cookie_checker: CookieChecker | None = None
         self.peers: dict[bytes, Peer] = {}
+        # The timers' schedule, so that no call walks every peer: a heap of (deadline, n, peer),
+        # the deadline each peer is scheduled at (heap entries that differ are stale), the peers
+        # whose timers changed since (PeerTimers.on_change), and those with a keepalive asked
+        # for by configuration.
+        self._heap: list[tuple[float, int, Peer]] = []
+        self._scheduled: dict[Peer, float] = {}
+        self._dirty: set[Peer] = set()
+        self._keepalive_wanted: set[Peer] = set()
+        self._heap_seq = itertools.count()
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
         # Our receiver indices: a Peer (its handshake in progress) or a Keypair.
         self._index: dict[int, Peer | Keypair] = {}
@@ -216,6 +227,8 @@ class Device:
             raise ValueError("a peer cannot have our own public key")
         peer = Peer(self.identity, public_key, preshared_key or bytes(32), self._jitter)
         self.peers[public_key] = peer
+        dirty = self._dirty
+        peer.timers.on_change = lambda: dirty.add(peer)
         self.set_endpoint(peer, endpoint)
         for net in allowed_ips:
             self.add_allowed_ip(peer, net)
@@ -229,6 +242,7 @@ class Device:
         self.allowed_ips.remove_value(peer)
         self._zero_peer(peer)
         peer.timers.stop()
+        self._keepalive_wanted.discard(peer)
 
     def set_carries(self, peer: Peer, addresses: Iterable[bytes]) -> None:
         """Packed IP addresses of the nested hops reached through `peer` (multihop: the exit
@@ -263,6 +277,7 @@ class Device:
         if seconds and seconds != was:
             # As wireguard-go: turning it on sends a keepalive now (starting a handshake).
             peer.keepalive_requested = True
+            self._keepalive_wanted.add(peer)
 
     def add_allowed_ip(self, peer: Peer, net: Network | str) -> None:
         if isinstance(net, str):
@@ -806,25 +821,63 @@ class Device:
 
     # ------------------------------------------------------------------ timers
 
+    def _reschedule(self) -> None:
+        """Put the peers whose timers changed back in the schedule (only those)."""
+        dirty = self._dirty
+        if not dirty:
+            return
+        heap, scheduled, seq = self._heap, self._scheduled, self._heap_seq
+        for peer in dirty:
+            d = peer.timers.next_deadline()
+            if d is None:
+                scheduled.pop(peer, None)
+            elif scheduled.get(peer) != d:
+                scheduled[peer] = d
+                heapq.heappush(heap, (d, next(seq), peer))
+        dirty.clear()
+        if len(heap) > 2 * len(scheduled) + 64:  # mostly stale entries: rebuild
+            self._heap = [(d, next(seq), peer) for peer, d in scheduled.items()]
+            heapq.heapify(self._heap)
+
     def next_deadline(self) -> float | None:
         """The earliest time tick() has work (None: nothing scheduled). A pending keepalive
-        request from configuration makes it 'now' (returned as -inf)."""
-        best: float | None = None
-        for peer in self.peers.values():
-            if peer.keepalive_requested:
-                return float("-inf")
-            d = peer.timers.next_deadline()
-            if d is not None and (best is None or d < best):
-                best = d
-        return best
+        request from configuration makes it 'now' (returned as -inf). Cost: the peers whose
+        timers changed since the last call, not the number of peers."""
+        if self._keepalive_wanted:
+            return float("-inf")
+        self._reschedule()
+        heap, scheduled = self._heap, self._scheduled
+        while heap:
+            d, _, peer = heap[0]
+            if scheduled.get(peer) == d:
+                return d
+            heapq.heappop(heap)
+        return None
+
+    def _due_peers(self, now: float) -> list[Peer]:
+        self._reschedule()
+        heap, scheduled = self._heap, self._scheduled
+        due = []
+        while heap and heap[0][0] <= now:
+            d, _, peer = heapq.heappop(heap)
+            if scheduled.get(peer) == d:
+                del scheduled[peer]
+                due.append(peer)
+        return due
 
     def tick(self, now: float) -> list[Datagram]:
         """Run every timer that is due at `now`; returns the datagrams to send."""
         out: list[Datagram] = []
-        for peer in list(self.peers.values()):
+        wanted = [p for p in self._keepalive_wanted if self.peers.get(p.public_key) is p]
+        self._keepalive_wanted.clear()
+        for peer in wanted:
             if peer.keepalive_requested:
                 peer.keepalive_requested = False
                 self._send_keepalive(peer, now, out)
+        for peer in self._due_peers(now):
+            self._dirty.add(peer)  # what is left or armed again goes back in the schedule
+            if self.peers.get(peer.public_key) is not peer:
+                continue
             for action in peer.timers.due(now):
                 if action is Action.SEND_KEEPALIVE:
                     self._send_keepalive(peer, now, out)

@@ -42,6 +42,10 @@ class Timer(enum.Enum):
     PERSISTENT_KEEPALIVE = "persistent_keepalive"
 
 
+def _nothing() -> None:
+    pass
+
+
 _ORDER = tuple(Timer)  # the order expired timers are acted on in one `due`
 _NEVER = float("inf")
 
@@ -54,6 +58,7 @@ class PeerTimers:
         "_sent_last_minute_handshake",
         "_persistent_keepalive",
         "_jitter",
+        "on_change",
     )
 
     def __init__(self, jitter: Callable[[], float]) -> None:
@@ -63,6 +68,9 @@ class PeerTimers:
         self._sent_last_minute_handshake = False
         self._persistent_keepalive = 0
         self._jitter = jitter
+        # Called after every change of a deadline (the device's schedule: Device.next_deadline
+        # then looks again at this peer only, so nothing walks every peer per batch).
+        self.on_change: Callable[[], None] = _nothing
 
     @property
     def persistent_keepalive(self) -> int:
@@ -87,6 +95,7 @@ class PeerTimers:
         fired = [t for t in _ORDER if deadlines.get(t, _NEVER) <= now]
         for t in fired:
             del deadlines[t]
+        self.on_change()  # also covers what the actions below arm again
         for t in fired:
             if t is Timer.RETRANSMIT_HANDSHAKE:
                 if self._handshake_attempts > MAX_TIMER_HANDSHAKES:
@@ -127,10 +136,12 @@ class PeerTimers:
         self._persistent_keepalive = seconds
         if seconds == 0:
             self._deadlines.pop(Timer.PERSISTENT_KEEPALIVE, None)
+            self.on_change()
 
     def stop(self) -> None:
         """The peer is gone: disarm everything."""
         self._deadlines.clear()
+        self.on_change()
 
     # --- events (wireguard-go names)
 
@@ -138,14 +149,18 @@ class PeerTimers:
         """Data sent: expect something back within 15 s, else start a new handshake."""
         if Timer.NEW_HANDSHAKE not in self._deadlines:
             self._deadlines[Timer.NEW_HANDSHAKE] = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+            self.on_change()
 
     def data_received(self, now: float) -> None:
         """Data received: answer with a keepalive in 10 s unless we send something first."""
         if Timer.SEND_KEEPALIVE not in self._deadlines:
             self._deadlines[Timer.SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT
+            self.on_change()
         else:
             self._need_another_keepalive = True
 
+    # A deadline that only goes away needs no notice: the schedule drops what no longer holds
+    # when it reaches it (Device.next_deadline), so the per-batch events below stay cheap.
     def any_authenticated_packet_sent(self, now: float) -> None:
         self._deadlines.pop(Timer.SEND_KEEPALIVE, None)
 
@@ -155,6 +170,7 @@ class PeerTimers:
     def any_authenticated_packet_traversal(self, now: float) -> None:
         if self._persistent_keepalive > 0:
             self._deadlines[Timer.PERSISTENT_KEEPALIVE] = now + self._persistent_keepalive
+            self.on_change()
 
     def handshake_requested(self, now: float) -> None:
         """A new handshake is wanted (not a retry): the retries count from zero again
@@ -163,6 +179,7 @@ class PeerTimers:
 
     def handshake_initiated(self, now: float) -> None:
         self._deadlines[Timer.RETRANSMIT_HANDSHAKE] = now + REKEY_TIMEOUT + self._jitter()
+        self.on_change()
 
     def handshake_complete(self, now: float) -> None:
         self._deadlines.pop(Timer.RETRANSMIT_HANDSHAKE, None)
@@ -171,6 +188,7 @@ class PeerTimers:
 
     def session_derived(self, now: float) -> None:
         self._deadlines[Timer.ZERO_KEY_MATERIAL] = now + ZERO_KEYS_AFTER
+        self.on_change()
 
     def last_minute_handshake(self, now: float) -> bool:
         """Data arrived under our own keypair close to REJECT_AFTER_TIME: True (send an
