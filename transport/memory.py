@@ -78,11 +78,15 @@ class MemoryTun:
 class MemoryNetwork:
     """Addresses joined in memory. Each datagram sent is lost with probability `loss`, else
     delivered (twice with probability `duplicate`; swapped with the next one to the same
-    address with probability `reorder`). `partitioned` drops everything (a cable pulled)."""
+    address with probability `reorder`). `partitioned` drops everything (a cable pulled).
+    `delay` (+ up to `jitter`, uniformly) seconds of trio's clock before a datagram arrives: a
+    path with latency, whose jitter reorders too (delivered by a trio system task, so a network
+    with delay is used inside trio.run)."""
 
     def __init__(self, *, loss: float = 0.0, duplicate: float = 0.0, reorder: float = 0.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, delay: float = 0.0, jitter: float = 0.0) -> None:
         self.loss, self.duplicate, self.reorder = loss, duplicate, reorder
+        self.delay, self.jitter = delay, jitter
         self.rng = random.Random(seed)
         self.partitioned = False
         self.transports: dict[tuple[str, int], MemoryTransport] = {}
@@ -109,6 +113,11 @@ class MemoryNetwork:
                 continue
             copies = 2 if self.duplicate and rng.random() < self.duplicate else 1
             data = bytes(data)
+            if self.delay or self.jitter:
+                for _ in range(copies):
+                    after = self.delay + self.jitter * rng.random()
+                    trio.lowlevel.spawn_system_task(self._deliver_later, after, dest, data, source.address)
+                continue
             for _ in range(copies):
                 if self.reorder and rng.random() < self.reorder and dest.address not in held:
                     held[dest.address] = (data, dest)  # goes after the next one to dest
@@ -119,6 +128,13 @@ class MemoryNetwork:
                     dest.arrive(previous[0], source.address)
         for data, dest in held.values():
             dest.arrive(data, source.address)
+
+
+    @staticmethod
+    async def _deliver_later(after: float, dest: "MemoryTransport", data: bytes, source: tuple[str, int]) -> None:
+        await trio.sleep(after)
+        if not dest.closed:
+            dest.arrive(data, source)
 
 
 class MemoryTransport(Transport):
