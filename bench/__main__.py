@@ -22,7 +22,7 @@ from .suite import SCENARIOS, STANDARD, Options, run
 PROG = "wgpy bench"
 # Options that only some scenarios use: shown in `wgpy bench SCENARIO --help` for those.
 SCENARIO_OPTIONS = {"core": {"sizes", "packets"}, "scale": {"peers", "packets"}, "bridge": {"methods", "against"},
-                    "tunnel": {"against"}, "latency": {"pings"}, "multihop": set()}
+                    "tunnel": {"against"}, "latency": {"pings"}, "multihop": set(), "flood": {"flood_rate"}}
 
 
 def _int_list(lo: int, hi: int, what: str):
@@ -103,6 +103,9 @@ def build_parser(scenario: str | None = None) -> argparse.ArgumentParser:
                        help=f"bridge: methods (default all: {','.join(Options().methods)})")
     if "pings" in wanted:
         p.add_argument("--pings", type=_positive, help="latency: pings per figure (default 40)")
+    if "flood_rate" in wanted:
+        p.add_argument("--flood-rate", dest="flood_rate", type=_positive,
+                       help="flood: handshake initiations per second (default 50000)")
     # Before the suite: `wgpy bench tunnel --bridge` / `--multihop` meant these scenarios.
     if scenario is None:
         p.add_argument("--bridge", action="store_true", help=argparse.SUPPRESS)

@@ -4,6 +4,7 @@
     tunnel-throughput.png       Mbit/s per pair and direction, bars with the rounds' range
     bridge-throughput.png       the same through the bridges
     multihop-throughput.png     the same through two relays
+    flood-throughput.png        with and without a handshake flood
     core-throughput.png         Gbit/s by packet size, wgpy's core next to the raw AEAD
     scale-curve.png             packets/s against the number of peers
     latency-rtt.png             RTT idle and under load
@@ -107,7 +108,8 @@ def draw(results: Results, out: Path) -> list[str]:
         written.append("ratios.png")
 
     for scenario, title in (("tunnel", "iperf3 TCP through the tunnel"), ("bridge", "iperf3 TCP through a bridge"),
-                            ("multihop", "iperf3 TCP through two relays")):
+                            ("multihop", "iperf3 TCP through two relays"),
+                            ("flood", "iperf3 TCP with and without a handshake flood")):
         mine = _throughput([r for r in rows if r.scenario == scenario])
         # The bare link is 10-20 times any tunnel: drawn, it would flatten every other bar.
         ceiling = [r for r in mine if r.subject.startswith("veth")]

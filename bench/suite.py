@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import core, latency, multihop, scale, tunnel
+from . import core, flood, latency, multihop, scale, tunnel
 from .progress import Progress
 from .results import Results, Sample, describe_machine, now_text
 
@@ -35,12 +35,13 @@ class Options:
     methods: tuple[str, ...] = ("aes-128-gcm", "aes-256-gcm", "chacha20-ietf-poly1305",
                                 "2022-blake3-aes-128-gcm", "2022-blake3-aes-256-gcm", "udp2tcp")
     pings: int = 40
+    flood_rate: int = 50_000  # handshake initiations per second in the flood scenario
     against: str | None = None  # another checkout's wgpy, measured as tunnel.BASE
 
     @classmethod
     def quick_defaults(cls) -> "Options":
         return cls(rounds=1, seconds=2, quick=True, sizes=(64, 1420), packets=10_000, peers=(1, 100, 1000),
-                   methods=("aes-256-gcm", "udp2tcp"), pings=10)
+                   methods=("aes-256-gcm", "udp2tcp"), pings=10, flood_rate=20_000)
 
 
 @dataclass
@@ -239,6 +240,35 @@ def _plan_latency(opts: Options, results: Results) -> list[Step]:
     return [step(*p) for p in pairs]
 
 
+# ------------------------------------------------------------------ flood
+
+def _plan_flood(opts: Options, results: Results) -> list[Step]:
+    if _netns_blocker(results, "flood", "iperf3"):
+        return []
+    have_go = not _lacking(WG_GO)
+    if not have_go:
+        results.note("flood", "wireguard-go not found: the reference pair is skipped")
+    pairs = ([(WG_GO, WG_GO, "")] if have_go else []) + [("wgpy", "wgpy", WG_GO_PAIR if have_go else "")]
+
+    def step(left: str, right: str, ref: str) -> Step:
+        subject = tunnel.pair_label(left, right)
+
+        def run(r: int) -> list[Sample]:
+            m = flood.measure(left, right, opts.seconds, opts.flood_rate)
+            out = [Sample("flood", subject, "a->b Mbit/s", m["quiet"], r, ref)]
+            for kind in ("random", "replays"):
+                out.append(Sample("flood", subject, f"{kind}: flooded a->b Mbit/s", m[kind], r, ref))
+                out.append(Sample("flood", subject, f"{kind}: share kept", m[kind] / m["quiet"] if m["quiet"] else 0.0,
+                                  r, ref))
+            out.append(Sample("flood", subject, "initiations sent /s", m["sent"], r))
+            return out
+        return Step(f"flood {subject}", 3 * opts.seconds + 8, run)
+    results.note("flood", f"handshake initiations at {opts.flood_rate}/s to side b's port during iperf3 a->b: random "
+                          "ones with a valid mac1, or one genuine initiation of side a replayed; share kept: flooded / "
+                          "unflooded throughput of the same pair and round")
+    return [step(*p) for p in pairs]
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("core", "seal/open through the protocol core vs raw AEAD, by packet size",
              "Seal and open batches of packets through the sans-IO protocol core, against one raw "
@@ -260,6 +290,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "Packets per second through the protocol core of a relay with N peers configured (16 of "
              "them active), against the same with one peer: per-packet work should not grow with N.",
              _plan_scale),
+    Scenario("flood", "throughput kept under a handshake flood, wgpy vs wireguard-go (root)",
+             "iperf3 a->b through the tunnel with and without a flood of handshake initiations carrying a "
+             "valid mac1 (what anyone who knows the public key can send), wgpy <-> wgpy against "
+             "wireguard-go <-> wireguard-go: the share of the throughput each keeps.", _plan_flood),
     Scenario("latency", "ping round trips through the tunnel, idle and under load (root)",
              "Ping RTT through wgpy <-> wgpy and wireguard-go <-> wireguard-go (the reference) and over "
              "the bare veth, idle and during an iperf3 transfer.", _plan_latency),

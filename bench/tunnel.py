@@ -250,6 +250,7 @@ def pair_lab(left: str, right: str, bridge: str | None = None, method: str = BRI
             yield lab, "10.231.0.2"
             return
         ka, kb = generate_private_key(), generate_private_key()
+        lab.keys = [(ka, public_key(ka)), (kb, public_key(kb))]  # this lab's throwaway keys (the flood scenario)
         names = [f"wgb{lab.tag}a", f"wgb{lab.tag}b"]
         endpoint = _start_bridge(lab, bridge, right, method) if bridge else "10.231.0.2:51821"
         mtu = str(bridge_mtu(method) if bridge else 1420)

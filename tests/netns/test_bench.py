@@ -50,6 +50,7 @@ def test_quick_suite_measures_every_scenario_and_cleans_up(tmp_path):
         ("multihop", "wgpy client, two wireguard-go relays", "a->b Mbit/s"),
         ("multihop", "wgpy client, two wireguard-go relays, ss aes-256-gcm to the entry", "a<-b Mbit/s"),
         ("latency", "wgpy <-> wgpy", "loaded RTT ms"),
+        ("flood", "wgpy <-> wgpy", "replays: share kept"),
     ]:
         row = by_key.get(key)
         assert row is not None, f"not measured: {key}"
@@ -58,6 +59,6 @@ def test_quick_suite_measures_every_scenario_and_cleans_up(tmp_path):
     for name in SCENARIOS:
         assert f"## {name}" in report
     for png in ("ratios.png", "tunnel-throughput.png", "bridge-throughput.png", "multihop-throughput.png",
-                "core-throughput.png", "scale-curve.png", "latency-rtt.png"):
+                "core-throughput.png", "scale-curve.png", "latency-rtt.png", "flood-throughput.png"):
         data = (out / png).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, png

@@ -240,3 +240,28 @@ def test_netns_scenarios_without_root_say_why(monkeypatch, capsys):
     out = capsys.readouterr()
     assert rc == 1  # nothing could be measured
     assert "tunnel: skipped: needs root" in out.err and "latency: skipped: needs root" in out.err
+
+
+def test_flood_initiations_carry_a_valid_mac1_and_nothing_else_valid():
+    import os
+
+    from bench.flood import initiations
+    from tunnel.noise import Device
+    from tunnel.noise.cookie import CookieChecker
+    from tunnel.noise.crypto import clamp, public_key
+
+    key = clamp(os.urandom(32))
+    checker = CookieChecker(public_key(key), os.urandom)
+    msgs = initiations(public_key(key), 16)
+    assert len(set(msgs)) == 16
+    assert all(len(m) == 148 and m[:4] == b"\x01\x00\x00\x00" and checker.check_mac1(m) for m in msgs)
+    assert not CookieChecker(public_key(clamp(os.urandom(32))), os.urandom).check_mac1(msgs[0])
+    dev = Device(key, wall_offset=0.0)
+    res = dev.inbound([(m, ("192.0.2.9", 4000)) for m in msgs], 1.0)
+    assert res.to_tun == [] and not dev.peers  # passes mac1, goes no further
+
+
+def test_flooder_refuses_a_bad_key():
+    r = subprocess.run([sys.executable, "-m", "bench.flood", "--to", "127.0.0.1:9", "--public", "abcd"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "64 hex characters" in r.stderr
