@@ -96,6 +96,7 @@ class Lab:
         self.procs: list[subprocess.Popen] = []
         self.tunnel_pids: list[int] = []  # daemons and bridge processes: what moving data costs
         self.sockets: list[str] = []
+        self.keys: list[tuple[bytes, bytes]] = []  # (private, public) of sides a and b, once a tunnel is made
         self.tmp = tempfile.mkdtemp(prefix="wgpy-bench-")
 
     def __enter__(self) -> "Lab":
@@ -250,7 +251,7 @@ def pair_lab(left: str, right: str, bridge: str | None = None, method: str = BRI
             yield lab, "10.231.0.2"
             return
         ka, kb = generate_private_key(), generate_private_key()
-        lab.keys = [(ka, public_key(ka)), (kb, public_key(kb))]  # this lab's throwaway keys (the flood scenario)
+        lab.keys = [(ka, public_key(ka)), (kb, public_key(kb))]  # throwaway keys (the flood scenario replays a's)
         names = [f"wgb{lab.tag}a", f"wgb{lab.tag}b"]
         endpoint = _start_bridge(lab, bridge, right, method) if bridge else "10.231.0.2:51821"
         mtu = str(bridge_mtu(method) if bridge else 1420)
