@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
+import struct
 
 import trio
 
@@ -26,6 +28,16 @@ ENDPOINT_CACHE = 4096
 # Like wireguard-go: deep socket buffers absorb bursts while the single-threaded engine is busy
 # with a batch; the FORCE variants (root) pass net.core.rmem_max.
 SOCKET_BUFFER = 7 << 20
+# UDP GSO (Linux 4.18+): a run of equal-sized datagrams to one address leaves in one sendmsg with
+# UDP_SEGMENT; the kernel cuts it into ordinary datagrams (what goes on the wire is unchanged).
+# At most 64 segments and 64 KB a call. WGPY_UDP_GSO=0 turns it off; a kernel or path that
+# refuses it turns it off for that socket by itself.
+SOL_UDP = 17
+UDP_SEGMENT = 103
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+GSO_ENABLED = os.environ.get("WGPY_UDP_GSO", "1") != "0"
+_SEGMENT = struct.Struct("=H")
 
 
 def endpoint_of(addr: tuple, via: int = UDP) -> Endpoint:
@@ -50,6 +62,9 @@ class UdpTransport(Transport):
         self._buf = bytearray(RECV_SIZE)
         self._endpoints: dict[tuple, Endpoint] = {}
         self._blocked: socket.socket | None = None  # the socket whose buffer was full
+        # Sockets that refused a GSO send (an old kernel, a path without it): plain sends there.
+        self.gso = GSO_ENABLED
+        self._no_gso: set = set()
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -191,8 +206,12 @@ class UdpTransport(Transport):
         v4, v6 = self.v4, self.v6
         drops = self.drops
         sent = 0
+        gso = self.gso
+        n = len(datagrams)
+        i = 0
         last = sock = addr = None
-        for i, (data, endpoint) in enumerate(datagrams):
+        while i < n:
+            data, endpoint = datagrams[i]
             if endpoint is not last:  # runs of datagrams to one endpoint share the lookup
                 last = endpoint
                 host = endpoint[0]
@@ -200,7 +219,29 @@ class UdpTransport(Transport):
                 addr = (host, endpoint[1])
             if sock is None:
                 drops.add("no socket for endpoint family")
+                i += 1
                 continue
+            if gso:
+                run = self._gso_run(datagrams, i, endpoint, len(data))
+                if run > 1 and sock not in self._no_gso:
+                    try:
+                        sock.sendmsg([d for d, _ in datagrams[i:i + run]],
+                                     [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(len(data)))], 0, addr)
+                    except BlockingIOError:
+                        self.sent += sent
+                        self._blocked = sock
+                        return datagrams[i:]
+                    except OSError as exc:
+                        if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                            self._no_gso.add(sock)  # this socket sends plainly from now on
+                            drops.add("udp gso refused: plain sends")
+                            continue  # the same datagrams again, one by one
+                        drops.add(f"udp send: {errno.errorcode.get(exc.errno, exc.errno)}", run)
+                        i += run
+                        continue
+                    sent += run
+                    i += run
+                    continue
             try:
                 sock.sendto(data, addr)
             except BlockingIOError:
@@ -210,10 +251,31 @@ class UdpTransport(Transport):
             except OSError as exc:
                 # Unreachable networks, EPERM from a firewall, EMSGSIZE: count, never stop.
                 drops.add(f"udp send: {errno.errorcode.get(exc.errno, exc.errno)}")
+                i += 1
                 continue
             sent += 1
+            i += 1
         self.sent += sent
         return []
+
+    @staticmethod
+    def _gso_run(datagrams: list[Datagram], i: int, endpoint, size: int) -> int:
+        """How many datagrams from `i` can leave in one GSO send: the same endpoint, the same
+        size (the last may be shorter), within the kernel's segment and byte limits."""
+        n = len(datagrams)
+        limit = min(n, i + GSO_MAX_SEGMENTS, i + max(1, GSO_MAX_BYTES // max(size, 1)))
+        j = i + 1
+        while j < limit:
+            data, ep = datagrams[j]
+            if ep is not endpoint and ep != endpoint:
+                break
+            m = len(data)
+            if m != size:
+                if m < size:
+                    j += 1  # a shorter last segment is allowed
+                break
+            j += 1
+        return j - i
 
     async def wait_writable(self) -> None:
         sock, self._blocked = self._blocked, None
