@@ -95,7 +95,9 @@ def test_lwo_gets_through_a_router_that_drops_wireguard(netlab):
     set_lwo(wa, wb, "lwo")
     set_lwo(wb, wa, "lwo")
     start = time.monotonic()
-    assert ping(a, B_TUN, 1, 15) == 1, wa.log()[-3000:] + wb.log()[-3000:]
+    # At least one reply: the requests sent while the handshake waited out REKEY_TIMEOUT (the plain
+    # attempt above may have just sent one) are staged and all answered at once.
+    assert ping(a, B_TUN, 1, 15) >= 1, wa.log()[-3000:] + wb.log()[-3000:]
     assert ping(a, B_TUN, 5, 5) == 5 and ping(b, A_TUN, 3, 5) == 3
     assert time.monotonic() - start < 20
     assert dropped(r) == blocked, "something that looks like WireGuard crossed the router"
