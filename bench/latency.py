@@ -32,14 +32,7 @@ def measure(left: str, right: str, seconds: int, count: int) -> tuple[float, flo
     """(idle RTT ms, RTT ms under an iperf3 a->b transfer)."""
     with pair_lab(left, right) as (lab, addr):
         idle = ping_rtt(lab, 0, addr, count)
-        server = subprocess.Popen(lab.exec(1, "iperf3", "-s", "-1", "-B", addr),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        lab.procs.append(server)
-        deadline = time.monotonic() + 10
-        while ":5201 " not in _run(*lab.exec(1, "ss", "-Hltn"), check=False).stdout:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("iperf3 server did not start")
-            time.sleep(0.05)
+        lab.iperf_server(1, addr)
         load_seconds = max(seconds, int(count * 0.05) + 2)
         client = subprocess.Popen(lab.exec(0, "iperf3", "-c", addr, "-t", str(load_seconds)),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -145,15 +145,16 @@ class Lab:
                 raise RuntimeError(f"{impl} did not start for {ifname}")
             time.sleep(0.02)
 
-    def iperf(self, server: int, client: int, addr: str, seconds: int, reverse: bool) -> tuple[float, int]:
-        srv = subprocess.Popen(self.exec(server, "iperf3", "-s", "-1", "-B", addr),
+    def iperf_server(self, side: int, addr: str) -> subprocess.Popen:
+        """A one-shot iperf3 server on `addr` in `side`'s namespace, listening when this returns."""
+        srv = subprocess.Popen(self.exec(side, "iperf3", "-s", "-1", "-B", addr),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(srv)
-        deadline = time.monotonic() + 10
-        while ":5201 " not in _run(*self.exec(server, "ss", "-Hltn"), check=False).stdout:
-            if srv.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("iperf3 server did not start")
-            time.sleep(0.05)
+        _wait_listening(self, side, 5201, "t", "iperf3 server", srv)
+        return srv
+
+    def iperf(self, server: int, client: int, addr: str, seconds: int, reverse: bool) -> tuple[float, int]:
+        srv = self.iperf_server(server, addr)
         argv = ["iperf3", "-c", addr, "-t", str(seconds), "-J"] + (["-R"] if reverse else [])
         r = _run(*self.exec(client, *argv), check=False, timeout=seconds + 30)
         if r.returncode != 0:
