@@ -69,6 +69,7 @@ from typing import Sequence
 import trio
 
 from transport.address import format_address
+from transport.udp import enable_gro, recv_datagrams
 
 from . import udp2tcp
 from .netio import errname, leaf_exception, send_all
@@ -402,6 +403,9 @@ class ShadowsocksServer:
                 out.close()
                 stats.drop(f"connect {errname(exc)}", _fmt(target))
                 return
+            # The target WireGuard's replies come in GSO bursts (wgpy, wireguard-go): with GRO a
+            # burst is one read in _udp_replies, not one syscall a datagram (transport/udp.py).
+            enable_gro(out)
             session = _UdpSession(key, client, target, out, session_id)
             sessions[key] = session
             stats.sessions_opened += 1
@@ -450,36 +454,40 @@ class ShadowsocksServer:
         listen = self.udp_sock
         assert listen is not None
         buf = bytearray(UDP_BUF)
-        view = memoryview(buf)
+        bufs, view = [buf], memoryview(buf)
         sessions = self.sessions
         while True:
             await trio.lowlevel.wait_readable(sock)
             session.last_active = trio.current_time()
             if sessions.pop(session.key, None) is session:
                 sessions[session.key] = session  # to the end: the most recently active
-            for _ in range(BATCH):
+            count = 0
+            for _ in range(BATCH):  # reads; and about BATCH datagrams (a read is taken whole)
                 try:
-                    n = sock.recv_into(buf)
+                    payloads, _ = recv_datagrams(sock, bufs, view)
                 except BlockingIOError:
                     break
                 except OSError as exc:  # ECONNREFUSED from an earlier send
                     self.stats.drop(f"target receive {errname(exc)}")
                     continue
-                payload = bytes(view[:n])
-                try:
-                    if self.udp2022 is not None:
-                        reply = self.udp2022.seal(session.session_id, session.target,
-                                                  payload, time.time())
-                    else:
-                        reply = self.cipher.seal_udp(session.target, payload)
-                except ShadowsocksError:  # e.g. the 2022 session expired meanwhile
-                    self.stats.drop("reply: session gone")
-                    continue
-                try:
-                    listen.sendto(reply, session.client)
-                    self.stats.udp_out += 1
-                except OSError as exc:
-                    self.stats.drop(f"reply send {errname(exc)}")
+                for payload in payloads:
+                    try:
+                        if self.udp2022 is not None:
+                            reply = self.udp2022.seal(session.session_id, session.target,
+                                                      payload, time.time())
+                        else:
+                            reply = self.cipher.seal_udp(session.target, payload)
+                    except ShadowsocksError:  # e.g. the 2022 session expired meanwhile
+                        self.stats.drop("reply: session gone")
+                        continue
+                    try:
+                        listen.sendto(reply, session.client)
+                        self.stats.udp_out += 1
+                    except OSError as exc:
+                        self.stats.drop(f"reply send {errname(exc)}")
+                count += len(payloads)
+                if count >= BATCH:
+                    break
 
     # ---- TCP
 

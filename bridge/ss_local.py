@@ -44,6 +44,7 @@ import trio
 
 from transport.address import AddressError, format_address, split_host_port
 from transport.base import Drops, Endpoint
+from transport.udp import enable_gro, recv_datagrams
 
 from .carrier import ShadowsocksTransport
 from .netio import errname, exit_code, resolve
@@ -144,6 +145,9 @@ class SsLocalForwarder:
                 except OSError:
                     pass
             local.bind(sockaddr)
+            # The local WireGuard (wgpy, wireguard-go) sends bursts with UDP GSO: with GRO a
+            # burst is one read here, not one syscall a datagram (see transport/udp.py).
+            enable_gro(local)
             self.transport = transport
             self.local_address = local.getsockname()
             self.server_address = rsockaddr
@@ -161,14 +165,14 @@ class SsLocalForwarder:
 
     async def _from_local(self, local: socket.socket, transport: ShadowsocksTransport) -> None:
         buf = bytearray(MAX_DATAGRAM)
-        view = memoryview(buf)
+        bufs, view = [buf], memoryview(buf)
         drops, target = self._drops, self.target
         while True:
             await trio.lowlevel.wait_readable(local)
             batch = []
-            for _ in range(BATCH):
+            for _ in range(BATCH):  # reads; and about BATCH datagrams (a read is taken whole)
                 try:
-                    n, addr = local.recvfrom_into(buf)
+                    datagrams, addr = recv_datagrams(local, bufs, view)
                 except BlockingIOError:
                     break
                 except OSError:
@@ -180,7 +184,9 @@ class SsLocalForwarder:
                     self.peer = addr
                     local.connect(addr)
                     log.info("ss_local: local peer is %s", format_address(addr))
-                batch.append((bytes(view[:n]), target))
+                batch += [(d, target) for d in datagrams]
+                if len(batch) >= BATCH:
+                    break
             # The transport's back-pressure rule, as in the engine: wait, offer again.
             rest = transport.send(batch) if batch else []
             while rest:

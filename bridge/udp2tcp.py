@@ -78,6 +78,7 @@ import trio
 
 from transport.address import AddressError, format_address, split_host_port
 from transport.base import Drops
+from transport.udp import enable_gro, recv_datagrams
 
 from .netio import errname, exit_code, resolve, send_all
 
@@ -85,7 +86,6 @@ log = logging.getLogger("wgpy.udp2tcp")
 
 HEADER_LEN = 2
 MAX_DATAGRAM = 0xFFFF  # what a u16 length can announce
-MAX_FRAME = HEADER_LEN + MAX_DATAGRAM
 MAX_UDP_PAYLOAD_V4 = 65535 - 20 - 8
 MAX_UDP_PAYLOAD_V6 = 65535 - 8
 
@@ -592,6 +592,9 @@ class LocalForwarder:
         sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             sock.bind(sockaddr)
+            # The local WireGuard (wgpy, wireguard-go) sends bursts with UDP GSO: with GRO a
+            # burst is one read here, not one syscall a datagram (see transport/udp.py).
+            enable_gro(sock)
             self._sock = sock
             self.local_address = sock.getsockname()
             async with trio.open_nursery() as nursery:
@@ -606,14 +609,14 @@ class LocalForwarder:
 
     async def _from_local(self, sock: socket.socket) -> None:
         buf = bytearray(MAX_DATAGRAM)
-        view = memoryview(buf)
+        bufs, view = [buf], memoryview(buf)
         client = self.client
         while True:
             await trio.lowlevel.wait_readable(sock)
             batch: list[bytes] = []
-            for _ in range(BATCH):
+            for _ in range(BATCH):  # reads; and about BATCH datagrams (a read is taken whole)
                 try:
-                    n, addr = sock.recvfrom_into(buf)
+                    datagrams, addr = recv_datagrams(sock, bufs, view)
                 except BlockingIOError:
                     break
                 except OSError:
@@ -625,7 +628,9 @@ class LocalForwarder:
                     self.peer = addr
                     sock.connect(addr)
                     log.info("udp2tcp: local peer is %s", format_address(addr))
-                batch.append(bytes(view[:n]))
+                batch += datagrams
+                if len(batch) >= BATCH:
+                    break
             if batch:
                 client.send_batch(batch)
 
@@ -860,6 +865,9 @@ class Udp2TcpServer:
                     self._drops.add(f"udp socket: {errname(exc)}")
                     return
                 udp.connect(target)
+                # The target WireGuard's replies come in GSO bursts (wgpy, wireguard-go): with
+                # GRO a burst is one read (see transport/udp.py).
+                enable_gro(udp)
                 log.debug("udp2tcp server: %s connected", format_address(peer))
                 limit = MAX_UDP_PAYLOAD_V6 if family == socket.AF_INET6 else MAX_UDP_PAYLOAD_V4
                 idle = trio.CancelScope(deadline=trio.current_time() + self.idle_timeout)
@@ -928,28 +936,33 @@ class Udp2TcpServer:
 
     async def _udp_to_tcp(self, udp: socket.socket, tcp: socket.socket, done: trio.CancelScope,
                           peer: tuple) -> None:
-        # Receive each datagram just behind room for its header: one copy makes the frame.
-        buf = bytearray(MAX_FRAME)
-        view = memoryview(buf)
-        body = view[HEADER_LEN:]
-        pack_into = _HDR.pack_into
+        # A read may hold many datagrams (GRO): each becomes header and datagram in the join,
+        # copied twice as a frame built in the buffer would be (once out of it, once joined).
+        buf = bytearray(MAX_DATAGRAM)
+        bufs, view = [buf], memoryview(buf)
+        pack = _HDR.pack
         try:
             while True:
                 await trio.lowlevel.wait_readable(udp)
-                frames: list[bytes] = []
-                for _ in range(BATCH):
+                pieces: list[bytes] = []
+                count = 0
+                for _ in range(BATCH):  # reads; and about BATCH datagrams (a read is taken whole)
                     try:
-                        n = udp.recv_into(body)
+                        datagrams, _ = recv_datagrams(udp, bufs, view)
                     except BlockingIOError:
                         break
                     except OSError as exc:
                         self._drops.add(f"udp receive: {errname(exc)}")
                         continue
-                    pack_into(buf, 0, n)
-                    frames.append(bytes(view[:HEADER_LEN + n]))
-                if frames:
-                    await send_all(tcp, b"".join(frames))
-                    self._to_tcp += len(frames)
+                    for d in datagrams:
+                        pieces.append(pack(len(d)))
+                        pieces.append(d)
+                    count += len(datagrams)
+                    if count >= BATCH:
+                        break
+                if pieces:
+                    await send_all(tcp, b"".join(pieces))
+                    self._to_tcp += count
         except OSError as exc:
             log.info("udp2tcp server: %s: TCP send failed: %s", format_address(peer), exc)
         done.cancel()

@@ -5,6 +5,10 @@ Received sources become `Endpoint(host, port, UDP)` with IPv6 in compressed form
 IPv6 as IPv4, so the same peer always has an equal endpoint (it is hashed by the core and bound
 into cookies). Each socket address is parsed once and cached (bounded: sources are chosen by
 whoever sends to us): parsing an address per datagram costs more than the rest of the receive.
+
+Both directions batch in the kernel where it can: sends of equal-sized datagrams to one address
+go out in one sendmsg (UDP GSO), and with UDP GRO one read may bring many datagrams from one
+source, which `recv_datagrams` splits back into the datagrams that were sent.
 """
 
 from __future__ import annotations
@@ -38,6 +42,53 @@ GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 GSO_ENABLED = os.environ.get("WGPY_UDP_GSO", "1") != "0"
 _SEGMENT = struct.Struct("=H")
+# UDP GRO (Linux 5.0+): the kernel may hand a socket that asks for it a run of equal-sized
+# datagrams from one source (the last may be shorter) as one read, with a UDP_GRO cmsg saying
+# the segment size: a GSO send arriving intact (loopback, veth), or datagrams a NIC coalesced.
+# Without it, the kernel cuts such a send apart again and each datagram costs a syscall. Each
+# read must fit a 64 KB buffer: the kernel caps a coalesced UDP packet at 64 KB with headers.
+# A read without the cmsg is one datagram. WGPY_UDP_GRO=0 turns it off; a kernel that refuses
+# the option (ENOPROTOOPT before 5.0) leaves it off for that socket.
+UDP_GRO = 104
+GRO_ENABLED = os.environ.get("WGPY_UDP_GRO", "1") != "0"
+GRO_ANCILLARY = socket.CMSG_SPACE(4)  # the UDP_GRO cmsg carries one int
+_GRO_SEGMENT = struct.Struct("=i")
+
+
+def enable_gro(sock: socket.socket) -> bool:
+    """Ask for coalesced reads on `sock`; whether it got them (never when WGPY_UDP_GRO=0). A socket
+    with GRO must be read with `recv_datagrams`: a plain read would take a coalesced read for one
+    datagram."""
+    if not GRO_ENABLED:
+        return False
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:  # ENOPROTOOPT (Linux < 5.0), EINVAL, EOPNOTSUPP: read plainly instead
+        return False
+    return True
+
+
+def split_gro(view: memoryview, n: int, segment: int) -> list[bytes]:
+    """The datagrams in the first `n` bytes of `view`, a coalesced read of `segment`-sized
+    datagrams (the last may be shorter), in order."""
+    if segment <= 0 or segment >= n:
+        return [bytes(view[:n])]
+    data = view[:n]  # the buffer beyond n holds older reads: the last segment must stop at n
+    return [bytes(data[i:i + segment]) for i in range(0, n, segment)]
+
+
+def recv_datagrams(sock: socket.socket, bufs: list[bytearray],
+                   view: memoryview) -> tuple[list[bytes], tuple]:
+    """One read from `sock`: the datagrams it brought, in order, and their source. `bufs` is [the
+    buffer], 64 KB, and `view` a memoryview of it. Raises what recvmsg_into raises
+    (BlockingIOError when nothing is ready). Right for a socket whether `enable_gro` got GRO or
+    not (without it no cmsg comes: one datagram a read), so a caller has one loop; without GRO,
+    recvfrom_into is about 15% faster a datagram (UdpTransport.recv_batch uses it then)."""
+    n, ancdata, _flags, addr = sock.recvmsg_into(bufs, GRO_ANCILLARY)
+    for level, kind, data in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO:
+            return split_gro(view, n, _GRO_SEGMENT.unpack(data)[0]), addr
+    return [bytes(view[:n])], addr
 
 
 def endpoint_of(addr: tuple, via: int = UDP) -> Endpoint:
@@ -60,11 +111,16 @@ class UdpTransport(Transport):
         self.v6: socket.socket | None = None
         self.port = 0
         self._buf = bytearray(RECV_SIZE)
+        self._bufs = [self._buf]
+        self._view = memoryview(self._buf)
         self._endpoints: dict[tuple, Endpoint] = {}
         self._blocked: socket.socket | None = None  # the socket whose buffer was full
         # Sockets that refused a GSO send (an old kernel, a path without it): plain sends there.
         self.gso = GSO_ENABLED
         self._no_gso: set = set()
+        # Read when (re)binding: the sockets that got GRO, read with recv_datagrams.
+        self.gro = GRO_ENABLED
+        self._gro: set = set()
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -94,6 +150,7 @@ class UdpTransport(Transport):
     def _bind_now(self, port: int) -> None:
         v4, v6, bound = self._open_pair(port)
         self.v4, self.v6, self.port = v4, v6, bound
+        self._gro = {s for s in self.sockets if self.gro and enable_gro(s)}
         if self.fwmark:
             try:
                 self._apply_mark(self.fwmark)
@@ -175,10 +232,15 @@ class UdpTransport(Transport):
         return receive
 
     def recv_batch(self, sock: socket.socket, limit: int) -> list[Datagram]:
-        """Up to `limit` datagrams ready now on `sock` (possibly none)."""
+        """About `limit` datagrams ready now on `sock` (possibly none); with GRO, all of the last
+        read's datagrams, which may pass `limit` by up to 63."""
+        if sock in self._gro:
+            return self._recv_batch_gro(sock, limit)
+        # Without GRO, recvfrom_into: a loopback timeit of 1452-byte datagrams, about 1,050 ns a
+        # datagram against 1,200 for recvmsg_into (with or without room for a cmsg).
         out: list[Datagram] = []
         buf = self._buf
-        view = memoryview(buf)
+        view = self._view
         recv = sock.recvfrom_into
         cache = self._endpoints
         for _ in range(limit):
@@ -197,6 +259,32 @@ class UdpTransport(Transport):
                     cache.clear()
                 ep = cache[addr] = endpoint_of(addr)
             out.append((bytes(view[:n]), ep))
+        self.received += len(out)
+        return out
+
+    def _recv_batch_gro(self, sock: socket.socket, limit: int) -> list[Datagram]:
+        out: list[Datagram] = []
+        bufs, view = self._bufs, self._view
+        cache = self._endpoints
+        # Counted in datagrams, but a read is taken whole: its datagrams are only in the buffer
+        # until the next read. At most `limit` reads too: errors read nothing.
+        for _ in range(limit):
+            try:
+                datagrams, addr = recv_datagrams(sock, bufs, view)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EBADF:  # closed by a rebind: this receiver is done
+                    raise trio.ClosedResourceError from None
+                continue  # ICMP errors, as above
+            ep = cache.get(addr)
+            if ep is None:
+                if len(cache) >= ENDPOINT_CACHE:
+                    cache.clear()
+                ep = cache[addr] = endpoint_of(addr)
+            out += [(d, ep) for d in datagrams]
+            if len(out) >= limit:
+                break
         self.received += len(out)
         return out
 
@@ -295,3 +383,4 @@ class UdpTransport(Transport):
             s.close()
         self.v4 = self.v6 = None
         self.port = 0
+        self._gro = set()
