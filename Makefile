@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the real-peer tests drive (installed only when running as root).
-DEBS := wireguard-go wireguard-tools iperf3 iputils-ping shadowsocks-libev nftables iproute2
+DEBS := wireguard-go wireguard-tools iperf3 iputils-ping shadowsocks-libev nftables iproute2 ethtool
 
 .PHONY: test demo bench debs venv clean
 

@@ -517,7 +517,7 @@ class Engine:
                 if self.ifindex is not None:
                     nursery.start_soon(self._link_watcher)
                 nursery.start_soon(self._socket_watcher)
-                log.info("%s: up", self.ifname)
+                log.info("%s: up (TUN offloads: %s)", self.ifname, self.tun.offloads)
                 task_status.started()
         finally:
             self._nursery = None
@@ -548,6 +548,11 @@ class Engine:
                 os.unlink(self.socket_path)
         except OSError:
             pass
+        if self.tun.offloads != "off":
+            st = self.tun.statistics()
+            log.info("%s: TUN offloads: %d super-packets read (%d packets), %d written "
+                     "(%d segments)", self.ifname, st["gso_reads"], st["gso_read_packets"],
+                     st["gro_writes"], st["gro_write_segments"])
         self.tun.close()
 
     # ------------------------------------------------------------ transports
@@ -852,6 +857,7 @@ class Engine:
             "drops": dict(self.device.drops),
             "io_drops": dict(self.io_drops),
             "tun_drops": dict(self.tun.drops.reasons),
+            "tun": self.tun.statistics(),
             "events": dict(self.device.stats),
             "transports": [t.statistics() for t in self.transports.values()],
         }

@@ -67,9 +67,9 @@ class WgInterface:
     def socket_path(self) -> str:
         return os.path.join(SOCKET_DIR, f"{self.ifname}.sock")
 
-    def start(self, timeout: float = 10.0) -> "WgInterface":
+    def start(self, timeout: float = 10.0, env: dict[str, str] | None = None) -> "WgInterface":
         argv = [WGPY_DAEMON, "-f", self.ifname] if self.kind == "wgpy" else ["wireguard-go", "-f", self.ifname]
-        self.proc = self.ns.popen(argv, env={"LOG_LEVEL": "debug"})
+        self.proc = self.ns.popen(argv, env={"LOG_LEVEL": "debug", **(env or {})})
         sock = self.socket_path
         self.lab.defer(lambda: os.path.exists(sock) and os.unlink(sock))
         deadline = time.monotonic() + timeout
