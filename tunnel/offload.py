@@ -47,6 +47,14 @@ MAX_COALESCED_SEGMENTS = 64
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _U16_PAIR = struct.Struct("!HH")
+# From byte 2 of an IPv4 header: total length, id, flags+fragment offset, TTL, protocol, checksum.
+_IP4_FIELDS = struct.Struct("!HHHBBH")
+# From byte 4 of a TCP header: seq, ack, data offset byte, flags, window, checksum.
+_TCP_FIELDS = struct.Struct("!IIBBHH")
+# A TCP segment's fields read at once for coalescing: IPv4 (no options) and IPv6 (no extension
+# headers) header, then the addresses and ports as one key, seq, ack, data offset, flags.
+_V4_TCP = struct.Struct("!BBHHBBBB2x12sIIBB")
+_V6_TCP = struct.Struct("!IHBB36sIIBB")
 
 
 class OffloadError(ValueError):
@@ -149,37 +157,42 @@ def _split_tcp(view, length: int, iphlen: int, gso: int, v4: bool) -> list[bytes
     if count == 0:
         raise OffloadError("TCP super-packet without payload")
     template = bytearray(view[:hdr_len])
-    seq = _U32.unpack_from(template, iphlen + 4)[0]
-    flags = template[iphlen + 13]
+    seq, ack, offset_byte, flags, window = _TCP_FIELDS.unpack_from(template, iphlen + 4)[:5]
+    last_i = count - 1
     first_flags = flags & ~(TCP_FIN | TCP_PSH)  # FIN and PSH belong to the last segment only
     middle_flags = first_flags & ~TCP_CWR  # CWR to the first only
-    template[iphlen + 16:iphlen + 18] = b"\0\0"
-    base = _pseudo_sum(template, 4 if v4 else 6, IPPROTO_TCP)
+    last_flags = flags & ~TCP_CWR if last_i else flags
+    # The sums of the headers with the fields that change per segment zeroed: each segment's
+    # checksum is then that plus the fields' values, no bytes summed again.
+    _TCP_FIELDS.pack_into(template, iphlen + 4, 0, ack, offset_byte, 0, window, 0)
+    tcp_base = _pseudo_sum(template, 4 if v4 else 6, IPPROTO_TCP) + tcphlen \
+        + ones_sum(template[iphlen:])
     if v4:
-        ip_id = _U16.unpack_from(template, 4)[0]
-        template[10:12] = b"\0\0"
+        ip_id, fragment, ttl, protocol = _IP4_FIELDS.unpack_from(template, 2)[1:5]
+        _IP4_FIELDS.pack_into(template, 2, 0, 0, fragment, ttl, protocol, 0)
+        ip_base = ones_sum(template[:iphlen])
     sums = segment_sums(view, hdr_len, gso, full) if full else []
     if last:
         sums.append(ones_sum(view[hdr_len + full * gso:]))
     out = []
     start = hdr_len
-    pack16, pack32 = _U16.pack_into, _U32.pack_into
+    pack_tcp = _TCP_FIELDS.pack_into
+    tcp_at = iphlen + 4
+    join = b"".join
     for i in range(count):
         size = gso if i < full else last
         if v4:
-            _U16_PAIR.pack_into(template, 2, hdr_len + size, (ip_id + i) & 0xFFFF)
-            template[10:12] = b"\0\0"
-            pack16(template, 10, checksum(ones_sum(template[:iphlen])))
+            total = hdr_len + size
+            pid = (ip_id + i) & 0xFFFF
+            _IP4_FIELDS.pack_into(template, 2, total, pid, fragment, ttl, protocol,
+                                  checksum(ip_base + total + pid))
         else:
-            pack16(template, 4, hdr_len - 40 + size)
-        pack32(template, iphlen + 4, (seq + i * gso) & 0xFFFFFFFF)
-        template[iphlen + 13] = flags if i == count - 1 else (first_flags if i == 0 else middle_flags)
-        if i == count - 1 and i:
-            template[iphlen + 13] &= ~TCP_CWR
-        template[iphlen + 16] = template[iphlen + 17] = 0
-        total = base + tcphlen + size + ones_sum(template[iphlen:]) + sums[i]
-        pack16(template, iphlen + 16, checksum(total))
-        out.append(bytes(template) + view[start:start + size])
+            _U16.pack_into(template, 4, hdr_len - 40 + size)
+        s = (seq + i * gso) & 0xFFFFFFFF
+        f = middle_flags if 0 < i < last_i else (first_flags if i < last_i else last_flags)
+        pack_tcp(template, tcp_at, s, ack, offset_byte, f, window,
+                 checksum(tcp_base + f + (s >> 16) + (s & 0xFFFF) + size + sums[i]))
+        out.append(join((template, view[start:start + size])))
         start += size
     return out
 
@@ -248,45 +261,36 @@ class _Run:
 
 def _tcp_segment(packet: bytes):
     """(flow key, match, iphlen, tcphlen, v4, seq, IPv4 id, flags) of a TCP segment that may be
-    coalesced, or None for any other packet (those are written as they are)."""
+    coalesced, or None for any other packet (those are written as they are). One struct unpack
+    reads every field needed."""
     n = len(packet)
-    if n < 40:
+    if n <= 40:  # no room for an IPv4 and a TCP header and a byte of data
         return None
-    version = packet[0] >> 4
-    if version == 4:
-        iphlen = (packet[0] & 15) * 4
-        # No IP options, not a fragment, the length is the packet's own.
-        if iphlen != 20 or packet[9] != IPPROTO_TCP or packet[6] & 0x3F or packet[7]:
+    if packet[0] == 0x45:  # IPv4 without options
+        (_, tos, total, ip_id, frag, frag2, ttl, protocol, key, seq, ack, offset,
+         flags) = _V4_TCP.unpack_from(packet)
+        # TCP, not a fragment, the length its own; data only: no SYN, FIN, RST, URG, ECE, CWR.
+        if protocol != IPPROTO_TCP or frag & 0x3F or frag2 or total != n or flags & ~TCP_PSH != TCP_ACK:
             return None
-        if (packet[2] << 8 | packet[3]) != n:
+        tcphlen = (offset >> 4) * 4
+        if tcphlen < 20 or 20 + tcphlen >= n:  # no payload: pure ACKs stay as they are
             return None
-        v4 = True
-        ip_id = packet[4] << 8 | packet[5]
-        key = packet[12:24]  # addresses and ports
-        # TOS, DF and TTL must agree for the kernel to see one super-packet as many segments.
-        ipmatch = packet[1:2] + packet[6:7] + packet[8:9]
-    elif version == 6:
-        iphlen = 40
-        if n < 60 or packet[6] != IPPROTO_TCP or (packet[4] << 8 | packet[5]) != n - 40:
+        # TOS, DF, TTL, the ack number and the options (timestamps) must agree: the kernel
+        # gives the super-packet's header to all of its segments.
+        match = (tos, frag, ttl, ack, packet[40:20 + tcphlen] if tcphlen > 20 else None)
+        return key, match, 20, tcphlen, True, seq, ip_id, flags
+    if packet[0] >> 4 == 6 and n > 60:
+        (first, length, protocol, hops, key, seq, ack, offset,
+         flags) = _V6_TCP.unpack_from(packet)
+        if protocol != IPPROTO_TCP or length != n - 40 or flags & ~TCP_PSH != TCP_ACK:
             return None
-        v4 = False
-        ip_id = 0
-        key = packet[8:44]
-        ipmatch = packet[0:4] + packet[7:8]  # traffic class, flow label, hop limit
-    else:
-        return None
-    flags = packet[iphlen + 13]
-    if flags & ~TCP_PSH != TCP_ACK:  # only data segments: no SYN, FIN, RST, URG, ECE, CWR
-        return None
-    tcphlen = (packet[iphlen + 12] >> 4) * 4
-    if tcphlen < 20 or iphlen + tcphlen >= n:  # no payload: pure ACKs stay as they are
-        return None
-    # The ack number and the options (timestamps) too, as the kernel's GRO: the super-packet
-    # carries the first segment's header for all of them.
-    match = ipmatch + packet[iphlen + 8:iphlen + 12] + packet[iphlen + 20:iphlen + tcphlen]
-    seq = packet[iphlen + 4] << 24 | packet[iphlen + 5] << 16 | packet[iphlen + 6] << 8 \
-        | packet[iphlen + 7]
-    return key, match, iphlen, tcphlen, v4, seq, ip_id, flags
+        tcphlen = (offset >> 4) * 4
+        if tcphlen < 20 or 40 + tcphlen >= n:
+            return None
+        # Traffic class, flow label, hop limit, ack number and options.
+        match = (first, hops, ack, packet[60:40 + tcphlen] if tcphlen > 20 else None)
+        return key, match, 40, tcphlen, False, seq, 0, flags
+    return None
 
 
 def _flow_key(packet: bytes) -> bytes | None:
