@@ -21,6 +21,7 @@ import heapq
 import ipaddress
 import itertools
 import os
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -70,6 +71,9 @@ from .timers import Action
 
 _NONCE = crypto._NONCE  # "<4xQ": the transport nonce
 _PAD = bytes(16)
+_IPV4_HEADER = struct.Struct("!BxH8x4s")  # version/IHL, total length, source address
+# A receiver index that names no keypair, in Device.inbound's per-batch key cache.
+_NO_KEYPAIR = (None, None, None, None, 0, False)
 
 
 class Drop:
@@ -548,20 +552,14 @@ class Device:
         result = Inbound()
         if not isinstance(datagrams, list):
             datagrams = list(datagrams)
-        # Initiations and responses are screened first, in one pass: size and mac1 (cheap), then
-        # the batch's budget. Only those passing size and mac1 count toward "under load", and the
-        # decision is taken once for the batch, before any of them is acted on.
-        handshakes = [
-            data for data, _ in datagrams
-            if len(data) >= 4 and (data[0] == MSG_INITIATION or data[0] == MSG_RESPONSE)
-            and not (data[1] or data[2] or data[3])
-        ]
-        if handshakes:
-            verdicts, n_valid = self._screen_handshakes(handshakes)
-            verdict = iter(verdicts).__next__
-            under_load = self._note_handshake_load(n_valid, now) if n_valid else self.under_load(now)
-        else:
-            under_load = self.under_load(now)
+        # Initiations and responses are screened in one pass over the batch (size and mac1, then
+        # the batch's budget; only those passing size and mac1 count toward "under load") when
+        # the first message that is not transport data comes up: none was acted on before it,
+        # so the verdicts and the load decision are those of the whole batch, and a batch of
+        # transport data only (the common case) pays nothing for it.
+        screened = False
+        verdict = None
+        under_load = False
 
         touched: dict[Peer, bool] = {}  # peer -> data (not only keepalives) received
         # The source of each peer's latest authenticated transport datagram, not yet given to
@@ -569,25 +567,59 @@ class Device:
         # (a handshake, a key confirmation, the end of the batch), so the result is as if it
         # ran per datagram.
         sources: dict[Peer, Endpoint] = {}
+        # Key selection once per receiver index per batch (a relay's batch interleaves peers):
+        # receiver -> (keypair or None, its peer, decrypt, replay check, counter limit, not yet
+        # confirmed). The limit is REJECT_AFTER_MESSAGES, or 0 when the index names no live
+        # keypair, so one comparison screens all three (the reason is sorted out after). Only
+        # a handshake message or a key confirmation changes what an index names: both empty it.
+        keys: dict[int, tuple] = {}
         last_index = -1
         kp: Keypair | None = None
+        peer: Peer | None = None
         decrypt = replay_check = None
-        kp_expired = True
+        limit = 0
+        unconfirmed = True
+        index = self._index
         drops = self.drops
         nonce = _NONCE.pack
         unpack_header = TRANSPORT_HEADER.unpack_from
+        unpack_v4 = _IPV4_HEADER.unpack_from
+        reject_after = REJECT_AFTER_MESSAGES
         routes: dict[bytes, Peer | None] = {}
         to_tun = result.to_tun
+        append = to_tun.append
         for data, src in datagrams:
             n = len(data)
-            if n < 4:
-                self.drops[Drop.SHORT] += 1
-                continue
-            mtype = data[0]
-            if data[1] or data[2] or data[3] or not MSG_INITIATION <= mtype <= MSG_TRANSPORT:
-                self.drops[Drop.BAD_TYPE] += 1
-                continue
-            if mtype != MSG_TRANSPORT:
+            if n >= TRANSPORT_MIN_SIZE:
+                # One unpack both frames transport data (type 4, reserved zero: the first u32
+                # is 4) and reads its header; anything else takes the general checks below.
+                mword, receiver, counter = unpack_header(data, 0)
+            else:
+                mword = -1
+            if mword != MSG_TRANSPORT:
+                if n < 4:
+                    drops[Drop.SHORT] += 1
+                    continue
+                mtype = data[0]
+                if data[1] or data[2] or data[3] or not MSG_INITIATION <= mtype <= MSG_TRANSPORT:
+                    drops[Drop.BAD_TYPE] += 1
+                    continue
+                if mtype == MSG_TRANSPORT:  # shorter than a keepalive
+                    drops[Drop.SHORT] += 1
+                    continue
+                if not screened:
+                    screened = True
+                    handshakes = [
+                        d for d, _ in datagrams
+                        if len(d) >= 4 and (d[0] == MSG_INITIATION or d[0] == MSG_RESPONSE)
+                        and not (d[1] or d[2] or d[3])
+                    ]
+                    if handshakes:
+                        verdicts, n_valid = self._screen_handshakes(handshakes)
+                        verdict = iter(verdicts).__next__
+                        under_load = self._note_handshake_load(n_valid, now) if n_valid else self.under_load(now)
+                    else:
+                        under_load = self.under_load(now)
                 if mtype != MSG_COOKIE_REPLY:
                     reason = verdict()  # screened above, in the same order
                     if reason is not None:
@@ -598,35 +630,36 @@ class Device:
                 if sources:
                     self._apply_sources(sources)
                 self._handshake_message(mtype, data, src, now, under_load, result.to_net)
-                # A handshake may have replaced keypairs: forget the cached one.
+                # A handshake may have replaced keypairs: forget the cached ones.
                 last_index, kp = -1, None
+                keys.clear()
                 continue
 
             # ---- transport data
-            if n < TRANSPORT_MIN_SIZE:
-                drops[Drop.SHORT] += 1
-                continue
-            _, receiver, counter = unpack_header(data, 0)
             if receiver != last_index:
-                # Key selection once per run of datagrams under the same receiver index.
-                owner = self._index.get(receiver)
-                kp = owner if isinstance(owner, Keypair) else None
                 last_index = receiver
-                if kp is not None:
-                    decrypt = kp.recv.decrypt
-                    replay_check = kp.replay.check_and_update
-                    kp_expired = not kp.can_receive(now)
-            if kp is None:
-                drops[Drop.UNKNOWN_INDEX] += 1
-                continue
-            if kp_expired:
-                drops[Drop.EXPIRED_KEYPAIR] += 1
-                continue
-            if counter >= REJECT_AFTER_MESSAGES:
-                drops[Drop.REPLAY] += 1
+                entry = keys.get(receiver)
+                if entry is None:
+                    owner = index.get(receiver)
+                    if isinstance(owner, Keypair):
+                        p = owner.peer
+                        entry = (owner, p, owner.recv.decrypt, owner.replay.check_and_update,
+                                 reject_after if owner.can_receive(now) else 0, owner is p.keypairs.next)
+                    else:
+                        entry = _NO_KEYPAIR
+                    keys[receiver] = entry
+                kp, peer, decrypt, replay_check, limit, unconfirmed = entry
+            if counter >= limit:
+                if kp is None:
+                    drops[Drop.UNKNOWN_INDEX] += 1
+                elif not limit:
+                    drops[Drop.EXPIRED_KEYPAIR] += 1
+                else:
+                    drops[Drop.REPLAY] += 1
                 continue
             try:
-                plaintext = decrypt(nonce(counter), memoryview(data)[16:], None)
+                # A sliced copy of the ciphertext costs less than a memoryview of it at MTU sizes.
+                plaintext = decrypt(nonce(counter), data[16:], None)
             except crypto.InvalidTag:
                 drops[Drop.DECRYPT] += 1
                 continue
@@ -635,43 +668,48 @@ class Device:
                 continue
 
             # Authenticated from here on.
-            peer = kp.peer
             sources[peer] = src
             peer.rx_bytes += n
-            if kp is peer.keypairs.next:
+            if unconfirmed:
                 self._authenticated_from(peer, src)  # the staged packets go where it now is
                 self._retire([r] if (r := peer.keypairs.confirm(kp)) else [])
                 self._handshake_complete(peer, now)
                 self._send_staged(peer, now, result.to_net)
-            got_data = touched.get(peer, False)
-            if not plaintext:
-                touched[peer] = got_data
+                # The confirmation retired a keypair and moved this one: select keys afresh.
+                last_index = -1
+                keys.clear()
+            plen = n - 32
+            if not plen:
+                if peer not in touched:
+                    touched[peer] = False
                 self.stats["keepalives received"] += 1
                 continue
             touched[peer] = True
 
-            version = plaintext[0] >> 4
-            plen = len(plaintext)
-            if version == 4 and plen >= 20:
-                total = (plaintext[2] << 8) | plaintext[3]
-                src_addr = plaintext[12:16]
-                ok = 20 <= total <= plen
-            elif version == 6 and plen >= 40:
-                total = 40 + ((plaintext[4] << 8) | plaintext[5])
-                src_addr = plaintext[8:24]
-                ok = total <= plen
+            if plen >= 20:
+                # One unpack reads an IPv4 header's version, length and source.
+                vihl, total, src_addr = unpack_v4(plaintext)
+                version = vihl >> 4
+                if version == 4:
+                    ok = 20 <= total <= plen
+                elif version == 6 and plen >= 40:
+                    total = 40 + ((plaintext[4] << 8) | plaintext[5])
+                    src_addr = plaintext[8:24]
+                    ok = total <= plen
+                else:
+                    ok = False
             else:
                 ok = False
             if not ok:
-                self.drops[Drop.BAD_INNER] += 1
+                drops[Drop.BAD_INNER] += 1
                 continue
             allowed = routes.get(src_addr, False)
             if allowed is False:
                 allowed = routes[src_addr] = self.allowed_ips.lookup(src_addr)
             if allowed is not peer and src_addr not in peer.carries:
-                self.drops[Drop.SOURCE_NOT_ALLOWED] += 1
+                drops[Drop.SOURCE_NOT_ALLOWED] += 1
                 continue
-            to_tun.append(plaintext if total == plen else plaintext[:total])
+            append(plaintext if total == plen else plaintext[:total])
 
         # Endpoints and timer bookkeeping once per peer per batch.
         if sources:
