@@ -73,7 +73,45 @@ _NONCE = crypto._NONCE  # "<4xQ": the transport nonce
 _PAD = bytes(16)
 _IPV4_HEADER = struct.Struct("!BxH8x4s")  # version/IHL, total length, source address
 # A receiver index that names no keypair, in Device.inbound's per-batch key cache.
-_NO_KEYPAIR = (None, None, None, None, 0, False)
+_NO_KEYPAIR = (None, None, 0, None)
+
+
+class _Run:
+    """The receive state of one keypair within a Device.inbound batch: the in-order run of
+    counters accepted but not yet recorded in its replay filter ([first, next)), and whether
+    the keypair still awaits confirmation."""
+
+    __slots__ = ("next", "first", "keypair", "unconfirmed")
+
+    def __init__(self, keypair: Keypair) -> None:
+        # An unconfirmed keypair takes the full check (and the confirmation) for every
+        # datagram: no counter equals -1.
+        self.unconfirmed = keypair is keypair.peer.keypairs.next
+        self.first = keypair.replay.last + 1
+        self.next = -1 if self.unconfirmed else self.first
+        self.keypair = keypair
+
+    def check(self, counter: int) -> bool:
+        """A counter out of the run's order: record the run, then the full replay check."""
+        replay = self.keypair.replay
+        if self.next > self.first:
+            replay.accept_run(self.first, self.next - 1)
+        fresh = replay.check_and_update(counter)
+        self.first = replay.last + 1
+        self.next = -1 if self.unconfirmed else self.first
+        return fresh
+
+    def record(self) -> None:
+        if self.next > self.first:
+            self.keypair.replay.accept_run(self.first, self.next - 1)
+            self.first = self.next
+
+
+def _record_runs(keys: dict[int, tuple]) -> None:
+    """Record the in-order runs Device.inbound accepted in their keypairs' replay filters."""
+    for entry in keys.values():
+        if entry[3] is not None:
+            entry[3].record()
 
 
 class Drop:
@@ -568,17 +606,19 @@ class Device:
         # ran per datagram.
         sources: dict[Peer, Endpoint] = {}
         # Key selection once per receiver index per batch (a relay's batch interleaves peers):
-        # receiver -> (keypair or None, its peer, decrypt, replay check, counter limit, not yet
-        # confirmed). The limit is REJECT_AFTER_MESSAGES, or 0 when the index names no live
-        # keypair, so one comparison screens all three (the reason is sorted out after). Only
-        # a handshake message or a key confirmation changes what an index names: both empty it.
+        # receiver -> (its peer, decrypt, counter limit, _Run), all None but the limit when the
+        # index names no keypair. The limit is REJECT_AFTER_MESSAGES, or 0 when the index names
+        # no live keypair, so one comparison screens all three (the reason is sorted out
+        # after). Only a handshake message or a key confirmation changes what an index names:
+        # both empty it, after _record_runs.
+        # The replay check's fast path: a counter arriving in order (the next above the highest
+        # seen) is accepted with one comparison, into a run that ReplayFilter.accept_run
+        # records at once when the batch ends or another counter comes (_Run.check).
         keys: dict[int, tuple] = {}
         last_index = -1
-        kp: Keypair | None = None
         peer: Peer | None = None
-        decrypt = replay_check = None
+        decrypt = run = None
         limit = 0
-        unconfirmed = True
         index = self._index
         drops = self.drops
         nonce = _NONCE.pack
@@ -629,9 +669,10 @@ class Device:
                         continue
                 if sources:
                     self._apply_sources(sources)
+                _record_runs(keys)
                 self._handshake_message(mtype, data, src, now, under_load, result.to_net)
                 # A handshake may have replaced keypairs: forget the cached ones.
-                last_index, kp = -1, None
+                last_index = -1
                 keys.clear()
                 continue
 
@@ -642,15 +683,14 @@ class Device:
                 if entry is None:
                     owner = index.get(receiver)
                     if isinstance(owner, Keypair):
-                        p = owner.peer
-                        entry = (owner, p, owner.recv.decrypt, owner.replay.check_and_update,
-                                 reject_after if owner.can_receive(now) else 0, owner is p.keypairs.next)
+                        entry = (owner.peer, owner.recv.decrypt, reject_after if owner.can_receive(now) else 0,
+                                 _Run(owner))
                     else:
                         entry = _NO_KEYPAIR
                     keys[receiver] = entry
-                kp, peer, decrypt, replay_check, limit, unconfirmed = entry
+                peer, decrypt, limit, run = entry
             if counter >= limit:
-                if kp is None:
+                if run is None:
                     drops[Drop.UNKNOWN_INDEX] += 1
                 elif not limit:
                     drops[Drop.EXPIRED_KEYPAIR] += 1
@@ -663,21 +703,25 @@ class Device:
             except crypto.InvalidTag:
                 drops[Drop.DECRYPT] += 1
                 continue
-            if not replay_check(counter):
-                drops[Drop.REPLAY] += 1
-                continue
-
-            # Authenticated from here on.
-            sources[peer] = src
+            if counter == run.next:
+                run.next = counter + 1
+                sources[peer] = src  # authenticated from here on
+            else:
+                if not run.check(counter):
+                    drops[Drop.REPLAY] += 1
+                    continue
+                # Authenticated from here on.
+                sources[peer] = src
+                if run.unconfirmed:  # (all its datagrams take run.check)
+                    _record_runs(keys)
+                    self._authenticated_from(peer, src)  # the staged packets go where it now is
+                    self._retire([r] if (r := peer.keypairs.confirm(run.keypair)) else [])
+                    self._handshake_complete(peer, now)
+                    self._send_staged(peer, now, result.to_net)
+                    # The confirmation retired a keypair and moved this one: select keys afresh.
+                    last_index = -1
+                    keys.clear()
             peer.rx_bytes += n
-            if unconfirmed:
-                self._authenticated_from(peer, src)  # the staged packets go where it now is
-                self._retire([r] if (r := peer.keypairs.confirm(kp)) else [])
-                self._handshake_complete(peer, now)
-                self._send_staged(peer, now, result.to_net)
-                # The confirmation retired a keypair and moved this one: select keys afresh.
-                last_index = -1
-                keys.clear()
             plen = n - 32
             if not plen:
                 if peer not in touched:
@@ -711,6 +755,7 @@ class Device:
                 continue
             append(plaintext if total == plen else plaintext[:total])
 
+        _record_runs(keys)
         # Endpoints and timer bookkeeping once per peer per batch.
         if sources:
             self._apply_sources(sources)
