@@ -70,7 +70,6 @@ from .session import Keypair
 from .timers import Action
 
 _NONCE = crypto._NONCE  # "<4xQ": the transport nonce
-_PAD = bytes(16)
 _IPV4_HEADER = struct.Struct("!BxH8x4s")  # version/IHL, total length, source address
 # A receiver index that names no keypair, in Device.inbound's per-batch key cache.
 _NO_KEYPAIR = (None, None, 0, None)
@@ -476,27 +475,29 @@ class Device:
         nonce = _NONCE.pack
         header = TRANSPORT_HEADER.pack
         ridx = kp.remote_index
-        counter = kp.send_counter
-        append = out.append
-        nbytes = 0
-        data_sent = False
-        for pkt in packets:
-            n = len(pkt)
-            if n:
-                data_sent = True
-                p = _padded_length(n, mtu)
-                if p != n:
-                    pkt = pkt + _PAD[: p - n] if p - n <= 16 else pkt + bytes(p - n)
-            msg = header(MSG_TRANSPORT, ridx, counter) + seal(nonce(counter), pkt, None)
-            counter += 1
-            nbytes += len(msg)
-            append((msg, endpoint))
+        first = kp.send_counter
+        counter = first + len(packets)
+        # The zero padding each packet length takes, worked out once per length in the batch
+        # (a batch has few distinct lengths; the MTU may change between calls).
+        pads: dict[int, bytes] = {}
+        msgs: list[bytes] = []
+        append = msgs.append
+        for ctr, pkt in zip(range(first, counter), packets):
+            pad = pads.get(len(pkt))
+            if pad is None:
+                n = len(pkt)
+                pad = pads[n] = bytes(_padded_length(n, mtu) - n)
+            if pad:
+                pkt += pad
+            append(header(MSG_TRANSPORT, ridx, ctr) + seal(nonce(ctr), pkt, None))
+        # Datagram tuples and the byte count are built in C, off the per-packet loop.
+        out.extend(zip(msgs, itertools.repeat(endpoint)))
         kp.send_counter = counter
-        peer.tx_bytes += nbytes
+        peer.tx_bytes += sum(map(len, msgs))
         timers = peer.timers
         timers.any_authenticated_packet_traversal(now)
         timers.any_authenticated_packet_sent(now)
-        if data_sent:
+        if any(packets):  # data, not only keepalives (b"")
             timers.data_sent(now)
         # keep key fresh (sending side)
         if counter > REKEY_AFTER_MESSAGES or (kp.is_initiator and now - kp.created > REKEY_AFTER_TIME):
