@@ -187,19 +187,23 @@ def _split_tcp(view, length: int, iphlen: int, gso: int, v4: bool) -> list[bytes
     pack_tcp = _TCP_FIELDS.pack_into
     tcp_at = iphlen + 4
     join = b"".join
-    for i in range(count):
+    # This loop is the per-segment cost of a TSO read (~0.8 us, checksums inlined). Building the
+    # segments as a numpy array instead would take some 30 array operations of ~1 us each per
+    # super-packet, about what the loop costs for 47 segments, so the loop stays.
+    for i, part in enumerate(sums):
         size = gso if i < full else last
         if v4:
             total = hdr_len + size
             pid = (ip_id + i) & 0xFFFF
+            r = (ip_base + total + pid) % 0xFFFF
             _IP4_FIELDS.pack_into(template, 2, total, pid, fragment, ttl, protocol,
-                                  checksum(ip_base + total + pid))
+                                  0xFFFF - r if r else 0)
         else:
             _U16.pack_into(template, 4, hdr_len - 40 + size)
         s = (seq + i * gso) & 0xFFFFFFFF
         f = middle_flags if 0 < i < last_i else (first_flags if i < last_i else last_flags)
-        pack_tcp(template, tcp_at, s, ack, offset_byte, f, window,
-                 checksum(tcp_base + f + (s >> 16) + (s & 0xFFFF) + size + sums[i]))
+        r = (tcp_base + f + (s >> 16) + (s & 0xFFFF) + size + part) % 0xFFFF
+        pack_tcp(template, tcp_at, s, ack, offset_byte, f, window, 0xFFFF - r if r else 0)
         out.append(join((template, view[start:start + size])))
         start += size
     return out
