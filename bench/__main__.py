@@ -17,12 +17,13 @@ import sys
 from pathlib import Path
 
 from . import results as res
+from . import tunnel
 from .suite import SCENARIOS, STANDARD, Options, run
 
 PROG = "wgpy bench"
 # Options that only some scenarios use: shown in `wgpy bench SCENARIO --help` for those.
 SCENARIO_OPTIONS = {"core": {"sizes", "packets"}, "scale": {"peers", "packets"}, "bridge": {"methods", "against"},
-                    "tunnel": {"against"}, "latency": {"pings"}, "multihop": set(), "flood": {"flood_rate"}}
+                    "tunnel": {"against", "without"}, "latency": {"pings"}, "multihop": set(), "flood": {"flood_rate"}}
 
 
 def _int_list(lo: int, hi: int, what: str):
@@ -55,6 +56,15 @@ def _methods(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(f"unknown method {', '.join(bad) or '(none given)'}; "
                                          f"choose from {', '.join(known)}")
     return methods
+
+
+def _features(text: str) -> tuple[str, ...]:
+    features = tuple(f.strip() for f in text.replace(",", "+").split("+") if f.strip())
+    bad = [f for f in features if f not in tunnel.FEATURES]
+    if not features or bad:
+        raise argparse.ArgumentTypeError(f"unknown feature {', '.join(bad) or '(none given)'}; "
+                                         f"choose from {', '.join(tunnel.FEATURES)}")
+    return features
 
 
 def build_parser(scenario: str | None = None) -> argparse.ArgumentParser:
@@ -91,6 +101,10 @@ def build_parser(scenario: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--against", metavar="CHECKOUT",
                        help="tunnel, bridge: also measure the wgpy of another checkout (e.g. the parent commit) "
                             "as wgpy@base")
+    if "without" in wanted:
+        p.add_argument("--without", action="append", type=_features, metavar="FEATURE[+FEATURE]",
+                       help="tunnel: also measure a wgpy pair with these offloads off, to see what they "
+                            f"buy (repeatable; {', '.join(tunnel.FEATURES)})")
     if "sizes" in wanted:
         p.add_argument("--sizes", type=_int_list(28, 65535, "sizes"), help="core: packet sizes (default 64,512,1420)")
     if "packets" in wanted:
@@ -136,6 +150,8 @@ def options(args: argparse.Namespace) -> Options:
     opts = Options.quick_defaults() if args.quick else Options()
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Options)
              if getattr(args, f.name, None) is not None and f.name != "quick"}
+    if "without" in given:
+        given["without"] = tuple(given["without"])
     return dataclasses.replace(opts, **given)
 
 

@@ -37,6 +37,8 @@ class Options:
     pings: int = 40
     flood_rate: int = 50_000  # handshake initiations per second in the flood scenario
     against: str | None = None  # another checkout's wgpy, measured as tunnel.BASE
+    # tunnel: wgpy pairs with these sets of offloads off (tunnel.FEATURES), e.g. (("tun-offload",),)
+    without: tuple[tuple[str, ...], ...] = ()
 
     @classmethod
     def quick_defaults(cls) -> "Options":
@@ -131,6 +133,9 @@ def _plan_tunnel(opts: Options, results: Results) -> list[Step]:
         steps.append(_pair_step("tunnel", tunnel.BASE, tunnel.BASE, ref, opts))
         if have_go:
             steps.append(_pair_step("tunnel", tunnel.BASE, WG_GO, ref, opts))
+    for features in opts.without:
+        variant = tunnel.add_variant(features)
+        steps.append(_pair_step("tunnel", variant, variant, ref, opts))
     results.note("tunnel", "iperf3 TCP, one stream, two namespaces over veth, MTU 1420; reference: "
                            f"{WG_GO_PAIR}; CPU s/GB: both daemons' CPU time per GB moved; RSS: the larger daemon's peak")
     return steps
@@ -304,6 +309,8 @@ STANDARD = tuple(SCENARIOS)
 def run(names: list[str], opts: Options, quiet: bool = False) -> Results:
     results = Results(machine=describe_machine(), started=now_text(), settings={
         "rounds": opts.rounds, "seconds per direction": opts.seconds, "quick": opts.quick})
+    if opts.without:
+        results.settings["without"] = ["+".join(f) for f in opts.without]
     if opts.against:
         results.settings["against"] = opts.against
         tunnel.add_checkout(opts.against)

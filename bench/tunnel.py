@@ -45,10 +45,28 @@ def add_checkout(path: str) -> str:
     return BASE
 
 
+# The hot loop's kernel offloads, each with the environment switch that turns it off: `wgpy bench
+# tunnel --without FEATURE` measures a wgpy pair without it in the same run, i.e. what it buys.
+FEATURES = {"tun-offload": "WGPY_TUN_OFFLOAD", "udp-gso": "WGPY_UDP_GSO", "udp-gro": "WGPY_UDP_GRO"}
+_variant_env: dict[str, dict[str, str]] = {}  # impl -> environment that turns features off
+
+
+def add_variant(features: tuple[str, ...]) -> str:
+    """This checkout's wgpy with `features` off, as an implementation of its own."""
+    impl = "wgpy without " + "+".join(features)
+    IMPLS[impl] = IMPLS["wgpy"]
+    _variant_env[impl] = {FEATURES[f]: "0" for f in features}
+    return impl
+
+
 def _env(impl: str) -> dict[str, str]:
     env = {**os.environ, "LOG_LEVEL": "error"}
     if impl in _checkouts:
         env["PYTHONPATH"] = _checkouts[impl]
+    else:  # this checkout's wgpy: every feature on unless the variant turns it off
+        for name in FEATURES.values():
+            env.pop(name, None)
+        env.update(_variant_env.get(impl, {}))
     return env
 
 

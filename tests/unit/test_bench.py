@@ -55,6 +55,7 @@ def test_scenario_help_shows_only_its_options():
     (["bridge", "--methods", "rot13"], "unknown method rot13"),
     (["--rounds", "0"], "must be at least 1"),
     (["--compare", "a", "b", "c"], "--compare takes OLD.json, or OLD.json NEW.json"),
+    (["tunnel", "--without", "tso"], "unknown feature tso; choose from tun-offload, udp-gso, udp-gro"),
 ])
 def test_bad_arguments_are_one_clear_line(argv, message):
     r = wgpy("bench", *argv)
@@ -265,3 +266,24 @@ def test_flooder_refuses_a_bad_key():
     r = subprocess.run([sys.executable, "-m", "bench.flood", "--to", "127.0.0.1:9", "--public", "abcd"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "64 hex characters" in r.stderr
+
+
+def test_without_measures_a_variant_pair_with_those_offloads_off(monkeypatch):
+    """`--without` adds a wgpy pair whose daemons get the features' switches at 0, and only
+    those: the plain wgpy pair keeps every feature on even if the caller's environment says no."""
+    from bench import suite, tunnel
+    args = cli.build_parser().parse_args(["tunnel", "--without", "tun-offload",
+                                          "--without", "udp-gso+udp-gro"])
+    opts = cli.options(args)
+    assert opts.without == (("tun-offload",), ("udp-gso", "udp-gro"))
+    monkeypatch.setattr(suite, "_netns_blocker", lambda *a: False)
+    monkeypatch.setattr(suite, "_lacking", lambda *a: True)  # no wireguard-go: fewer steps
+    plan = suite._plan_tunnel(opts, Results(machine={}, started="", settings={}))
+    subjects = [step.what for step in plan]
+    assert any("wgpy without tun-offload" in s for s in subjects), subjects
+    assert any("wgpy without udp-gso+udp-gro" in s for s in subjects), subjects
+    monkeypatch.setenv("WGPY_TUN_OFFLOAD", "0")
+    assert "WGPY_TUN_OFFLOAD" not in tunnel._env("wgpy")
+    env = tunnel._env("wgpy without udp-gso+udp-gro")
+    assert (env["WGPY_UDP_GSO"], env["WGPY_UDP_GRO"]) == ("0", "0")
+    assert "WGPY_TUN_OFFLOAD" not in env
