@@ -66,6 +66,11 @@ class MemoryTun:
         q = self._to_engine
         return [q.popleft() for _ in range(min(len(q), BATCH))]
 
+    def read_batch(self, limit: int) -> list[bytes]:
+        """What the host has routed into the tunnel, without waiting (possibly nothing)."""
+        q = self._to_engine
+        return [q.popleft() for _ in range(min(len(q), limit))]
+
     def write_batch(self, packets: list[bytes]) -> None:
         for packet in packets:
             if len(self.written) >= self.queue:

@@ -46,6 +46,7 @@ from transport.udp import UdpTransport
 from . import netlink, uapi
 from .noise import Device
 from .noise.events import describe, short_key
+from .tun import BATCH as TUN_BATCH
 from .tun import Tun
 
 log = logging.getLogger("wgpy")
@@ -607,6 +608,18 @@ class Engine:
             to_tun, arrived = self._divert(to_tun, now)
         if to_tun:
             self.tun.write_batch(to_tun)
+            # The host often answers at once (an echo reply, a TCP ACK): its stack has queued the
+            # answer on the TUN before the write returned. Sealing it in this wakeup spares the
+            # TUN reader a wakeup of its own: a shorter round trip, fewer wakeups under load.
+            try:
+                answers = self.tun.read_batch(TUN_BATCH)
+            except OSError:
+                answers = None  # the TUN reader meets the same error and stops the engine
+            if answers:
+                out = self.device.outbound(answers, now)
+                self._reschedule_timers()
+                if out:
+                    to_net = to_net + out if to_net else out
         if arrived:
             # A nested peer's datagrams go through the core in the same wakeup: handing them to
             # another task would cost a task switch per batch on the multihop receive path.

@@ -290,3 +290,29 @@ async def test_the_log_names_the_port_in_use_after_a_change(socket_dir, caplog):
         ports = [r.getMessage() for r in caplog.records if "listening on UDP port" in r.getMessage()]
         assert ports[-1] == "wga: listening on UDP port 41000"
         nursery.cancel_scope.cancel()
+
+
+class AnsweringTun(MemoryTun):
+    """A host whose stack answers every packet written to it at once, as the kernel queues an
+    echo reply or a TCP ACK on the TUN before the write returns. The answer is queued without
+    waking the TUN reader: only the same wakeup's read can take it."""
+
+    def write_batch(self, packets: list[bytes]) -> None:
+        super().write_batch(packets)
+        for packet in packets:
+            if packet.endswith(b"ping"):
+                self._to_engine.append(ip4(B_IN, A_IN, b"pong"))
+
+
+async def test_the_hosts_immediate_answer_leaves_in_the_same_wakeup(socket_dir):
+    net = MemoryNetwork()
+    async with trio.open_nursery() as nursery:
+        a, b = await start_pair(nursery, net, socket_dir)
+        b.tun.__class__ = AnsweringTun
+        a.tun.inject(ip4(A_IN, B_IN, b"warm-up"))  # the handshake first
+        with trio.fail_after(5):
+            await b.tun.next_written()
+        a.tun.inject(ip4(A_IN, B_IN, b"ping"))
+        with trio.fail_after(5):
+            assert await a.tun.next_written() == ip4(B_IN, A_IN, b"pong")
+        nursery.cancel_scope.cancel()
