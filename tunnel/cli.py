@@ -136,8 +136,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-SET_USAGE = ("usage: wgpy set IFNAME peer PUBKEY bridge URI|FILE|off|via PUBKEY|off "
-             "[peer PUBKEY bridge URI|FILE|off|via PUBKEY|off ...]")
+SET_USAGE = ("usage: wgpy set IFNAME peer PUBKEY bridge URI|FILE|off|via PUBKEY|off|obfuscation lwo|off "
+             "[peer PUBKEY OPTION VALUE ...]")
+SET_OPTIONS = ("bridge", "via", "obfuscation")
+OBFUSCATIONS = ("lwo", "off")
 
 
 def _bridge_value(value: str) -> str | None:
@@ -158,7 +160,7 @@ def _bridge_value(value: str) -> str | None:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    """Bridges and vias on a running interface; everything else stays with `wg set`."""
+    """Bridges, vias and obfuscation on a running interface; everything else stays with `wg set`."""
     from . import quick, uapi
     from .netconfig import NetError
 
@@ -169,7 +171,7 @@ def cmd_set(args: argparse.Namespace) -> int:
     changes: list[tuple[bytes, str, object]] = []
     for i in range(0, len(words), 4):
         peer_word, key_text, what, value = words[i:i + 4]
-        if peer_word != "peer" or what not in ("bridge", "via"):
+        if peer_word != "peer" or what not in SET_OPTIONS:
             raise UsageError(SET_USAGE)
         try:
             key = keys.decode_base64_key(key_text)
@@ -177,6 +179,13 @@ def cmd_set(args: argparse.Namespace) -> int:
             raise UsageError(f"argument {i + 3}: not a base64 WireGuard public key") from None
         if what == "bridge":
             changes.append((key, what, _bridge_value(value)))
+            continue
+        if what == "obfuscation":
+            if value.lower() not in OBFUSCATIONS:
+                from .grammar import show
+
+                raise UsageError(f"argument {i + 5}: obfuscation takes lwo or off, not {show(value)}")
+            changes.append((key, what, None if value.lower() == "off" else "lwo"))
             continue
         entry = None
         if value != "off":
@@ -250,10 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("ifname", nargs="?", metavar="IFNAME|all")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_show)
-    sp = sub.add_parser("set", help="bridge a peer of a running interface, or reach it through another: "
-                        "`wgpy set IFNAME peer PUBKEY bridge URI|off|via PUBKEY|off`")
+    sp = sub.add_parser("set", help="bridge a peer of a running interface, reach it through another, or "
+                        "obfuscate its datagrams: `wgpy set IFNAME peer PUBKEY bridge URI|off|via PUBKEY|off|"
+                        "obfuscation lwo|off`",
+                        usage=SET_USAGE[len("usage: "):],
+                        description="Change how a peer of a running wgpy-daemon is reached; everything else "
+                                    "stays with `wg set`. Several `peer PUBKEY OPTION VALUE` groups go to the "
+                                    "daemon in one request, all or nothing.",
+                        epilog="peer options: bridge URI|FILE|off (a Shadowsocks or udp-over-tcp bridge, or a file "
+                               "holding its URI); via PUBKEY|off (multihop: reach the peer through another "
+                               "peer); obfuscation lwo|off (LWO, Mullvad's lightweight WireGuard "
+                               "obfuscation, on the UDP port; the peer must use it too)")
     sp.add_argument("ifname", metavar="IFNAME")
-    sp.add_argument("settings", nargs=argparse.REMAINDER)
+    sp.add_argument("settings", nargs=argparse.REMAINDER, metavar="peer PUBKEY OPTION VALUE ...")
     sp.set_defaults(func=cmd_set)
     # prefix_chars: no argument is an option of `bridge` itself, so `--help` and the like reach
     # cmd_bridge (argparse.REMAINDER does not take a first argument that looks like an option).

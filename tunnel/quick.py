@@ -202,25 +202,32 @@ def _redacted_bridge(text: str | None) -> BridgeSpec | None:
 
 
 def set_peers(ifname: str, changes: list[tuple[bytes, str, object]], *, out=print) -> None:
-    """`wgpy set IFNAME peer KEY bridge URI|off | via KEY|off ...` on a running wgpy-daemon (from
-    `wgpy up`, wg-quick with WG_QUICK_USERSPACE_IMPLEMENTATION=wgpy-daemon, or by hand).
+    """`wgpy set IFNAME peer KEY bridge URI|off | via KEY|off | obfuscation lwo|off ...` on a
+    running wgpy-daemon (from `wgpy up`, wg-quick with WG_QUICK_USERSPACE_IMPLEMENTATION=wgpy-daemon,
+    or by hand).
 
-    `changes`: (peer public key, "bridge", URI or None) or (peer public key, "via", entry public
-    key or None). Each bridge's server is resolved and each via checked against the interface's
-    peers as they will be (entry known, not the peer itself, no cycle, one level, no bridge on a
-    nested peer: bridge.multihop's rules, with nesting detected from allowed ips as the daemon
-    does); then all go in one UAPI request (all or nothing), and the interface's MTU is lowered
-    if a bridge's overhead or a nesting level no longer lets it fit the path."""
+    `changes`: (peer public key, "bridge", URI or None), (peer public key, "via", entry public
+    key or None) or (peer public key, "obfuscation", "lwo" or None). Each bridge's server is
+    resolved and each via checked against the interface's peers as they will be (entry known, not
+    the peer itself, no cycle, one level, no bridge on a nested peer: bridge.multihop's rules,
+    with nesting detected from allowed ips as the daemon does); LWO only on a peer reached
+    directly (no bridge, no explicit via: as `Obfuscation` in a config) whose way is not chosen by
+    a fallback list; then all go in one UAPI request (all or nothing), and the interface's MTU is
+    lowered if a bridge's overhead or a nesting level no longer lets it fit the path."""
     status = uapi.get_status(ifname)
     peers = {p.public_key: p for p in status.peers}
     lines: list[str] = []
     bridge = {p.public_key: _redacted_bridge(p.bridge) for p in status.peers}
     bridged = {p.public_key for p in status.peers if p.bridge}
     via = {p.public_key: p.via for p in status.peers if p.via is not None}
+    obfuscated = {p.public_key for p in status.peers if p.obfuscation}
     for public_key, what, value in changes:
         name = _b64(public_key)
         if public_key not in peers:
             raise UpError(f"{ifname} has no peer {name} (add it first, e.g. with `wg set`)")
+        if peers[public_key].fallback and what == "obfuscation":
+            raise UpError(f"peer {name} chooses its way itself (fallback: {', '.join(peers[public_key].fallback)}); "
+                          f"change its Bridge list in the config instead")
         lines += [f"public_key={public_key.hex()}", "update_only=true"]
         if what == "bridge":
             spec = None
@@ -243,8 +250,20 @@ def set_peers(ifname: str, changes: list[tuple[bytes, str, object]], *, out=prin
                     raise UpError(f"via for peer {name}: {ifname} has no peer {_b64(value)}")
                 via[public_key] = value
             lines.append(f"wgpy_via={value.hex() if isinstance(value, bytes) else ''}")
+        elif what == "obfuscation":
+            if value not in ("lwo", None):
+                raise UpError(f"obfuscation for peer {name}: {value!r} is not lwo or off")
+            if value is None:
+                obfuscated.discard(public_key)
+            else:
+                obfuscated.add(public_key)
+            lines.append(f"wgpy_obfuscation={value or ''}")
         else:
             raise ValueError(f"unknown peer setting {what!r}")
+    for key in obfuscated & {key for key, _, _ in changes}:
+        if key in bridged or key in via:
+            raise UpError(f"peer {_b64(key)}: obfuscation lwo with {'a bridge' if key in bridged else 'via'}: "
+                          "LWO is a way to send on the UDP port, and this peer's datagrams go another way")
     nest = _status_nesting(status, via)
     try:
         check_chains(nest, peers, lambda k: f"peer {_b64(k)}")
@@ -257,6 +276,8 @@ def set_peers(ifname: str, changes: list[tuple[bytes, str, object]], *, out=prin
     try:
         uapi.set_config(ifname, lines)
     except uapi.ControlError as exc:
+        if any(what == "obfuscation" for _, what, _ in changes):
+            raise UpError(f"{exc} (bridges, via and obfuscation need wgpy-daemon; wireguard-go has none of them)") from None
         raise UpError(f"{exc} (bridges and via need wgpy-daemon; wireguard-go has neither)") from None
     changed = {key for key, _, _ in changes}
     needs = []

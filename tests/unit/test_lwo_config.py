@@ -72,3 +72,115 @@ def test_wgpy_show_names_the_obfuscation():
     assert "\n  obfuscation: lwo\n" in show.format_text(status("lwo"), 0)
     assert "obfuscation" not in show.format_text(status(None), 0)
     assert '"obfuscation": "lwo"' in show.as_json([status("lwo")], 0)
+
+
+# ---------------------------------------------------------------------------- wgpy set ... obfuscation
+
+P1, P2 = bytes([0x21] * 32), bytes([0x22] * 32)
+
+
+@pytest.fixture
+def set_calls(monkeypatch):
+    from tunnel import cli, netconfig, quick  # noqa: PLC0415
+
+    calls = []
+    monkeypatch.setattr(netconfig, "have_net_admin", lambda: True, raising=False)
+    monkeypatch.setattr(quick, "set_peers", lambda ifname, changes: calls.append((ifname, changes)))
+    return cli, calls
+
+
+def test_cli_set_obfuscation(set_calls):
+    from tunnel.keys import encode_base64_key  # noqa: PLC0415
+
+    cli, calls = set_calls
+    assert cli.main(["set", "wg0", "peer", encode_base64_key(P1), "obfuscation", "lwo",
+                     "peer", encode_base64_key(P2), "obfuscation", "off",
+                     "peer", encode_base64_key(P2), "via", encode_base64_key(P1)]) == 0
+    assert calls == [("wg0", [(P1, "obfuscation", "lwo"), (P2, "obfuscation", None), (P2, "via", P1)])]
+    assert cli.main(["set", "wg0", "peer", encode_base64_key(P1), "obfuscation", "LWO"]) == 0
+    assert calls[-1] == ("wg0", [(P1, "obfuscation", "lwo")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["obfuscation", "xor"], "argument 5: obfuscation takes lwo or off, not 'xor'"),
+    (["obfuscation", ""], "argument 5: obfuscation takes lwo or off, not ''"),
+    (["obfuscation", "on"], "not 'on'"),
+    (["obfuscation"], "usage: wgpy set IFNAME peer PUBKEY bridge URI|FILE|off|via PUBKEY|off|obfuscation lwo|off"),
+    (["obfuscate", "lwo"], "usage: wgpy set"),
+])
+def test_cli_set_obfuscation_errors_are_one_line(set_calls, capsys, argv, message):
+    from tunnel.keys import encode_base64_key  # noqa: PLC0415
+
+    cli, calls = set_calls
+    assert cli.main(["set", "wg0", "peer", encode_base64_key(P1), *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert calls == []
+
+
+def test_set_help_names_obfuscation(capsys):
+    from tunnel import cli  # noqa: PLC0415
+
+    with pytest.raises(SystemExit):
+        cli.main(["set", "--help"])
+    out = capsys.readouterr().out
+    assert "obfuscation lwo|off" in out and "LWO" in out
+
+
+@pytest.fixture
+def daemon(monkeypatch):
+    """quick.set_peers against a daemon whose status is `state["status"]` (no socket)."""
+    from tunnel import quick  # noqa: PLC0415
+
+    state = {"status": uapi.InterfaceStatus("wg0", peers=[
+        uapi.PeerStatus(P1, endpoint=("192.0.2.1", 51820)),
+        uapi.PeerStatus(P2, endpoint=("127.0.0.1", 51820), bridge="udp2tcp://192.0.2.9:443"),
+    ]), "sent": []}
+    monkeypatch.setattr(quick.uapi, "get_status", lambda ifname: state["status"])
+    monkeypatch.setattr(quick.uapi, "set_config", lambda ifname, lines: state["sent"].append(lines))
+    return quick, state
+
+
+def test_set_obfuscation_sends_the_uapi_key(daemon):
+    quick, state = daemon
+    quick.set_peers("wg0", [(P1, "obfuscation", "lwo")])
+    quick.set_peers("wg0", [(P1, "obfuscation", None)])
+    assert state["sent"] == [[f"public_key={P1.hex()}", "update_only=true", "wgpy_obfuscation=lwo"],
+                             [f"public_key={P1.hex()}", "update_only=true", "wgpy_obfuscation="]]
+    for lines in state["sent"]:  # what the daemon's parser takes
+        assert isinstance(uapi.parse_set(lines).peers[0].ops[-1], uapi.SetObfuscation)
+    # A bridged peer may drop its bridge and take LWO in the same command.
+    quick.set_peers("wg0", [(P2, "bridge", None), (P2, "obfuscation", "lwo")])
+    assert state["sent"][-1][-1] == "wgpy_obfuscation=lwo"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ([(P2, "obfuscation", "lwo")], "obfuscation lwo with a bridge"),
+    ([(P1, "obfuscation", "lwo"), (P1, "bridge", "udp2tcp://192.0.2.9:443")], "obfuscation lwo with a bridge"),
+    ([(P1, "obfuscation", "lwo"), (P1, "via", P2)], "obfuscation lwo with via"),
+    ([(bytes(32), "obfuscation", "lwo")], "wg0 has no peer"),
+])
+def test_set_obfuscation_refused_sends_nothing(daemon, changes, message):
+    quick, state = daemon
+    with pytest.raises(quick.UpError, match=message):
+        quick.set_peers("wg0", changes)
+    assert state["sent"] == []
+
+
+def test_set_obfuscation_refused_on_a_peer_with_a_fallback_list(daemon):
+    quick, state = daemon
+    state["status"].peers[0].fallback = ["direct", "lwo"]
+    with pytest.raises(quick.UpError, match=r"chooses its way itself \(fallback: direct, lwo\)"):
+        quick.set_peers("wg0", [(P1, "obfuscation", "off")])
+    assert state["sent"] == []
+
+
+def test_set_obfuscation_on_wireguard_go_says_why(daemon, monkeypatch):
+    quick, state = daemon
+
+    def refuse(ifname, lines):
+        raise uapi.ControlError("wg0: the daemon refused the settings (errno=-22)")
+
+    monkeypatch.setattr(quick.uapi, "set_config", refuse)
+    with pytest.raises(quick.UpError, match="obfuscation need wgpy-daemon; wireguard-go has none of them"):
+        quick.set_peers("wg0", [(P1, "obfuscation", "lwo")])

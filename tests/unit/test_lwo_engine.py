@@ -274,3 +274,49 @@ async def test_lwo_transports_keep_back_pressure_and_answer_known_addresses():
     assert deobfuscate(got[-1], key) == cookie and HEADER_SIZES[3] == len(cookie)
     peer.close()
     assert port.send([(cookie, Endpoint(*B_ADDR, 5))]) == [] and port.drops.reasons["no LWO peer at this address"] == 2
+
+
+async def test_wgpy_set_obfuscation_on_a_running_engine(socket_dir, autojump_clock, monkeypatch):
+    """`wgpy set IFNAME peer KEY obfuscation lwo|off` (quick.set_peers, through the engine's UAPI
+    socket): a client blocked by the DPI rule gets through once it is set to LWO, and `off` makes
+    it plain (and blocked) again."""
+    from functools import partial  # noqa: PLC0415
+
+    from tunnel import quick, uapi  # noqa: PLC0415
+
+    monkeypatch.setattr(quick.uapi, "get_status", partial(uapi.get_status, socket_dir=socket_dir))
+    monkeypatch.setattr(quick.uapi, "set_config", partial(uapi.set_config, socket_dir=socket_dir))
+
+    async def in_thread(func, *args):
+        """A blocking UAPI client (as the `wgpy` command is) with the mock clock held still: it
+        must not jump over the UAPI server's idle timeout while the thread talks to it."""
+        autojump_clock.autojump_threshold = float("inf")
+        try:
+            return await trio.to_thread.run_sync(func, *args)
+        finally:
+            autojump_clock.autojump_threshold = 0
+
+    net = DpiNetwork()
+    async with trio.open_nursery() as nursery:
+        a, b = await start(nursery, net, socket_dir, A_ADDR, B_ADDR)
+        await configure(a, A_ADDR[1], peer_lines(b, B_ADDR, f"{B_IN}/32"))
+        await configure(b, B_ADDR[1], peer_lines(a, None, f"{A_IN}/32") + ["wgpy_obfuscation=lwo"])
+        a.tun.inject(ip4(A_IN, B_IN, b"plain"))
+        await trio.sleep(6)
+        assert not b.tun.written and net.blocked
+        await in_thread(quick.set_peers, a.engine.ifname, [(b.public, "obfuscation", "lwo")])
+        assert "wgpy_obfuscation=lwo\n" in await a.uapi("get=wgpy\n\n")
+        assert a.engine.device.peers[b.public].endpoint == Endpoint(*B_ADDR, a.engine.lwo[b.public].ident)
+        a.tun.inject(ip4(A_IN, B_IN, b"obfuscated"))
+        with trio.fail_after(10):
+            while await b.tun.next_written() != ip4(A_IN, B_IN, b"obfuscated"):
+                pass
+        status = await in_thread(quick.uapi.get_status, a.engine.ifname)
+        assert status.peers[0].obfuscation == "lwo"
+        await in_thread(quick.set_peers, a.engine.ifname, [(b.public, "obfuscation", None)])
+        assert "wgpy_obfuscation" not in await a.uapi("get=wgpy\n\n") and not a.engine.lwo
+        blocked = net.blocked
+        a.tun.inject(ip4(A_IN, B_IN, b"plain again"))
+        await trio.sleep(1)
+        assert net.blocked > blocked and ip4(A_IN, B_IN, b"plain again") not in b.tun.written
+        nursery.cancel_scope.cancel()
