@@ -111,7 +111,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     import time
 
-    from . import show, uapi
+    from . import killswitch, quick, show, uapi
 
     _need_root()
     one = args.ifname not in (None, "all")  # `wgpy show all` is `wgpy show`, as with wg
@@ -127,10 +127,13 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"{PROG}: {exc}", file=sys.stderr)  # a dead socket: show the others, then fail
             failed = True
     now = time.time()
+    # The kill switch is `wgpy up`'s (its journal) and nftables' (its table), not the daemon's.
+    tables = killswitch.list_tables() if statuses else None
+    kill_switches = {st.name: quick.kill_switch_status(st.name, tables) for st in statuses}
     if args.json:
-        print(show.as_json(statuses, now))
+        print(show.as_json(statuses, now, kill_switches))
     elif statuses:
-        print("\n\n".join(show.format_text(st, now) for st in statuses))
+        print("\n\n".join(show.format_text(st, now, kill_switches[st.name]) for st in statuses))
     elif not names:  # wg prints a blank line here; say what it means
         print(f"no WireGuard interfaces (no control socket in {uapi.SOCKET_DIR})")
     return 1 if failed else 0

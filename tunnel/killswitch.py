@@ -117,6 +117,36 @@ def other_tables(listing: str, ours: str) -> list[str]:
     return out
 
 
+def inet_tables(listing: str) -> set[str]:
+    """The names of the inet tables in `nft list tables` output."""
+    out = set()
+    for line in listing.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[:2] == ["table", "inet"]:
+            out.add(words[2])
+    return out
+
+
+def list_tables() -> set[str] | None:
+    """This namespace's inet tables (`nft list tables`), or None when nft cannot say (not
+    installed, not allowed, failing)."""
+    try:
+        r = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return inet_tables(r.stdout) if r.returncode == 0 else None
+
+
+@dataclass(frozen=True)
+class Status:
+    """What `wgpy show` says of an interface's kill switch (tunnel/show.py)."""
+
+    table: str  # its nftables table, `inet wgpy-ks-IFNAME`
+    asked: bool  # `wgpy up` made it (its journal says so)
+    allow_lan: bool | None = None  # AllowLAN as `wgpy up` recorded it; None: not recorded
+    present: bool | None = None  # the table exists; None: nft could not tell
+
+
 def hops_of(entries: Iterable[tuple[str, str, int]]) -> frozenset[Hop]:
     """Hops from (address, "udp"|"tcp", port) as the engine reports them. Entries that are no
     numeric address (a scope is dropped), no known protocol or no valid port are left out: they

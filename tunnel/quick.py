@@ -541,6 +541,29 @@ def up(target: str, *, out=print) -> str:
             signal.signal(signum, handler)
 
 
+def kill_switch_status(ifname: str, tables: set[str] | None) -> killswitch.Status | None:
+    """For `wgpy show`: whether `wgpy up` made a kill switch for `ifname` (its journal in this
+    namespace says so; AllowLAN as it recorded it) and whether its table is among `tables`
+    (killswitch.list_tables(); None: unknown). None when it was not asked for and there is no
+    such table: nothing to say."""
+    try:
+        table = killswitch.table_name(ifname)
+    except ValueError:
+        return None
+    try:
+        journal = Journal.load(ifname)
+    except NetError:
+        journal = None
+    recorded = journal.meta.get("kill_switch") if journal is not None else None
+    asked = journal is not None and (isinstance(recorded, dict)
+                                     or any(isinstance(e, dict) and e.get("kill_switch") for e in journal.undo))
+    present = None if tables is None else table in tables
+    if not asked and not present:
+        return None
+    allow_lan = recorded.get("allow_lan") if isinstance(recorded, dict) else None
+    return killswitch.Status(table, asked, allow_lan if isinstance(allow_lan, bool) else None, present)
+
+
 def kill_switch_plan(cfg: wgconfig.Config, ifname: str, endpoints: dict[int, tuple[str, int]],
                      bridges: dict[int, BridgeSpec], nest: dict[bytes, bytes], fwmark: int) -> killswitch.KillSwitch:
     """What the kill switch allows at `up`, from the config: each peer's first hop (its bridge's
@@ -607,6 +630,8 @@ def _up(ifname: str, path: str, cfg: wgconfig.Config, endpoints: dict[int, tuple
             journal = Journal(ifname)
             journal.meta = {"config": path, "pre_down": iface.pre_down, "post_down": iface.post_down,
                             "save_config": iface.save_config}
+            if ks is not None:  # for `wgpy show` (kill_switch_status)
+                journal.meta["kill_switch"] = {"allow_lan": ks.allow_lan}
         if ks is not None:
             # First, so that it is undone last: `down` removes it once the interface is gone.
             out(f"[#] nft -f - (kill switch: table inet {killswitch.table_name(ifname)})", file=sys.stderr)

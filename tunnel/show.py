@@ -12,6 +12,7 @@ from transport.address import format_address
 
 from .grammar import format_prefix
 from .keys import encode_base64_key
+from .killswitch import Status as KillSwitchStatus
 from .uapi import InterfaceStatus, PeerStatus
 
 
@@ -52,7 +53,22 @@ def _endpoint(peer: PeerStatus) -> str | None:
     return format_address(peer.endpoint) if peer.endpoint is not None else None
 
 
-def format_text(status: InterfaceStatus, now: float) -> str:
+def kill_switch_line(ks: KillSwitchStatus | None) -> str | None:
+    """`kill switch: on (allow LAN)`, `kill switch: on, table missing! ...` (`wgpy up` made it,
+    and someone deleted its table: nothing is blocked), or None when there is none."""
+    if ks is None:
+        return None
+    if not ks.asked:
+        return f"kill switch: on (table inet {ks.table}, which `wgpy up` has no record of)"
+    text = "kill switch: on" + (" (allow LAN)" if ks.allow_lan else "")
+    if ks.present is False:
+        text += f", table missing! (inet {ks.table} is gone: nothing is blocked; `wgpy down` and `up` again)"
+    elif ks.present is None:
+        text += ", its table not checked (nft cannot list tables)"
+    return text
+
+
+def format_text(status: InterfaceStatus, now: float, kill_switch: KillSwitchStatus | None = None) -> str:
     lines = [f"interface: {status.name}"]
     if status.public_key:
         lines.append(f"  public key: {encode_base64_key(status.public_key)}")
@@ -61,6 +77,9 @@ def format_text(status: InterfaceStatus, now: float) -> str:
         lines.append(f"  listening port: {status.listen_port}")
     if status.fwmark:
         lines.append(f"  fwmark: 0x{status.fwmark:x}")
+    ks_line = kill_switch_line(kill_switch)
+    if ks_line is not None:
+        lines.append(f"  {ks_line}")
     by_key = {p.public_key: p for p in status.peers}
     carries: dict[bytes, list[bytes]] = {}
     for p in status.peers:
@@ -108,10 +127,14 @@ def format_text(status: InterfaceStatus, now: float) -> str:
     return "\n".join(lines)
 
 
-def as_json(statuses: list[InterfaceStatus], now: float) -> str:
+def as_json(statuses: list[InterfaceStatus], now: float,
+            kill_switches: dict[str, KillSwitchStatus | None] | None = None) -> str:
     """Keys in base64, addresses as `wg show` prints them; no private or preshared key (only
     whether a peer has one). Per peer, `via` is its explicit via and `entry` the peer it is
-    reached through now (by via or detected); both base64 keys or null."""
+    reached through now (by via or detected); both base64 keys or null. Per interface,
+    `kill_switch` is null or {"table", "made_by_up", "allow_lan", "table_present"} (the last
+    two null when unknown), from `kill_switches` by interface name."""
+    kill_switches = kill_switches or {}
     out = []
     for st in statuses:
         peers = []
@@ -144,6 +167,14 @@ def as_json(statuses: list[InterfaceStatus], now: float) -> str:
             "public_key": encode_base64_key(st.public_key) if st.public_key is not None else None,
             "listen_port": st.listen_port,
             "fwmark": st.fwmark,
+            "kill_switch": _kill_switch_json(kill_switches.get(st.name)),
             "peers": peers,
         })
     return json.dumps(out, indent=2)
+
+
+def _kill_switch_json(ks: KillSwitchStatus | None) -> dict | None:
+    if ks is None:
+        return None
+    return {"table": f"inet {ks.table}", "made_by_up": ks.asked, "allow_lan": ks.allow_lan,
+            "table_present": ks.present}

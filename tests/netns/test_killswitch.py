@@ -230,6 +230,8 @@ def test_full_tunnel_only_the_first_hop_leaves_also_after_sigkill_until_down(lab
     table = table_name(lab.ifname)
     assert f"table inet {table}" in lab.ruleset() and "table inet bystander" in lab.ruleset()
     assert lab.allowed_hops() == {(S4, "udp", PORT)}
+    shown = lab.wgpy("show", lab.ifname, check=True).stdout
+    assert "\n  kill switch: on\n" in shown, shown
 
     assert wait_for_ping(lab.c, TUN_S, 10) is not None, lab.log()
     assert lab.pings(S4) == 2  # the server's link address, through the tunnel
@@ -306,6 +308,14 @@ def test_allow_lan_with_a_split_tunnel(lab):
     assert lab.pings(PUBLIC) == 0 and not lab.udp_answered(PUBLIC, 5353)  # public, outside the tunnel
     seen = lab.counters()
     assert seen["other"] == 0 and seen["lan4"] >= 2 and seen["lan6"] >= 1 and seen["hop"] > 0, seen
+    # `wgpy show` says so, and says when the table is gone (deleted by hand: nothing is blocked).
+    shown = lab.wgpy("show", lab.ifname, check=True).stdout
+    assert "\n  kill switch: on (allow LAN)\n" in shown, shown
+    lab.c.run(["nft", "delete", "table", "inet", table_name(lab.ifname)])
+    shown = lab.wgpy("show", lab.ifname, check=True).stdout
+    assert "\n  kill switch: on (allow LAN), table missing!" in shown, shown
+    assert json.loads(lab.wgpy("show", lab.ifname, "--json", check=True).stdout)[0]["kill_switch"] == {
+        "table": f"inet {table_name(lab.ifname)}", "made_by_up": True, "allow_lan": True, "table_present": False}
 
 
 def test_the_allowed_set_follows_the_endpoint(lab):

@@ -105,3 +105,64 @@ async def test_show_says_no_reply_yet_until_the_bridge_hears_back(socket_dir, au
         text = show.format_text(await trio.to_thread.run_sync(status), time.time())
         assert f"peer: {encode_base64_key(b.public)}" in text and "connected;" in text
         nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------- the kill switch
+
+def test_kill_switch_lines_in_text_and_json():
+    from tunnel.killswitch import Status  # noqa: PLC0415
+
+    status = uapi.InterfaceStatus("wg0", listen_port=51820, peers=[uapi.PeerStatus(KEY)])
+    cases = [
+        (None, None),
+        (Status("wgpy-ks-wg0", True, False, True), "  kill switch: on\n"),
+        (Status("wgpy-ks-wg0", True, True, True), "  kill switch: on (allow LAN)\n"),
+        (Status("wgpy-ks-wg0", True, None, True), "  kill switch: on\n"),  # an older `up`: AllowLAN unknown
+        (Status("wgpy-ks-wg0", True, True, False),
+         "  kill switch: on (allow LAN), table missing! (inet wgpy-ks-wg0 is gone: nothing is blocked;"),
+        (Status("wgpy-ks-wg0", True, False, None), "  kill switch: on, its table not checked"),
+        (Status("wgpy-ks-wg0", False, None, True),
+         "  kill switch: on (table inet wgpy-ks-wg0, which `wgpy up` has no record of)\n"),
+    ]
+    for ks, line in cases:
+        text = show.format_text(status, 0, ks)
+        if line is None:
+            assert "kill switch" not in text and text == show.format_text(status, 0)
+        else:
+            assert line in text and text.index("listening port") < text.index("kill switch") < text.index("peer:")
+        (iface,) = json.loads(show.as_json([status], 0, {"wg0": ks}))
+        if ks is None:
+            assert iface["kill_switch"] is None
+        else:
+            assert iface["kill_switch"] == {"table": "inet wgpy-ks-wg0", "made_by_up": ks.asked,
+                                            "allow_lan": ks.allow_lan, "table_present": ks.present}
+    assert json.loads(show.as_json([status], 0))[0]["kill_switch"] is None
+
+
+def test_kill_switch_status_from_the_journal_and_the_tables(tmp_path, monkeypatch):
+    from tunnel import netconfig, quick  # noqa: PLC0415
+    from tunnel.killswitch import Status, inet_tables  # noqa: PLC0415
+
+    monkeypatch.setattr(netconfig, "state_dir", lambda: str(tmp_path))
+    tables = inet_tables("table ip nat\ntable inet wgpy-ks-wg0\ntable inet filter\n")
+    assert tables == {"wgpy-ks-wg0", "filter"}
+    assert quick.kill_switch_status("wg0", tables) == Status("wgpy-ks-wg0", False, None, True)  # no journal
+    assert quick.kill_switch_status("wg0", set()) is None
+    assert quick.kill_switch_status("wg0", None) is None
+    journal = netconfig.Journal("wg0", str(tmp_path))
+    journal.meta = {"config": "/etc/wireguard/wg0.conf"}
+    journal.undo = [{"cmd": ["ip", "link", "del", "dev", "wg0"], "may_fail": True}]
+    (tmp_path / "wg0.json").write_text(json.dumps({"undo": journal.undo, "meta": journal.meta}))
+    assert quick.kill_switch_status("wg0", set()) is None  # `up` without KillSwitch
+    # `up` with it: its meta (AllowLAN), or only the undo entry of an older `up`.
+    journal.meta["kill_switch"] = {"allow_lan": True}
+    (tmp_path / "wg0.json").write_text(json.dumps({"undo": journal.undo, "meta": journal.meta}))
+    assert quick.kill_switch_status("wg0", tables) == Status("wgpy-ks-wg0", True, True, True)
+    assert quick.kill_switch_status("wg0", set()) == Status("wgpy-ks-wg0", True, True, False)
+    assert quick.kill_switch_status("wg0", None) == Status("wgpy-ks-wg0", True, True, None)
+    older = {"undo": [{"cmd": ["nft", "delete", "table", "inet", "wgpy-ks-wg0"], "may_fail": True,
+                       "kill_switch": True}], "meta": {}}
+    (tmp_path / "wg0.json").write_text(json.dumps(older))
+    assert quick.kill_switch_status("wg0", set()) == Status("wgpy-ks-wg0", True, None, False)
+    (tmp_path / "wg0.json").write_text("{not json")
+    assert quick.kill_switch_status("wg0", set()) is None  # unreadable: nothing claimed
