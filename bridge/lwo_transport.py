@@ -3,21 +3,31 @@
 LWO (bridge/lwo.py) changes the bytes of each datagram and nothing else, so it needs no socket
 of its own: it is a pair of thin transports over the interface's UdpTransport (transport/udp.py).
 
+An LWO peer is answered in the form its latest authenticated datagram came in: the engine lets
+its endpoint roam freely (Device.set_endpoint without `via`), so the core's roaming rule moves it
+to Endpoint(host, port, LwoPort.ident) after an authenticated LWO datagram and to the plain UDP
+port's endpoint after an authenticated plain one. A plain datagram thus goes to an LWO peer only
+when the latest datagram that proved to come from it was plain (a client of `Bridge = direct,
+lwo` that probes direct again gets a plain answer, and stays direct); until it sends at all, or
+after configuration, it is sent LWO.
+
     LwoTransport (one per LWO peer, its own Endpoint.via)
-        send: each datagram obfuscated with the peer's public key, then the UDP port's send;
-        the peer's endpoint keeps this via while it roams (Device.set_endpoint(via=...)), so
-        everything the core sends to it (data, handshakes, keepalives) is obfuscated, whatever
-        format its last datagram had.
+        send: each datagram obfuscated with the peer's public key, then the UDP port's send.
+        The peer's endpoint names it after configuration (`Endpoint =`, LWO turned on), before
+        the peer has sent anything.
     LwoPort (one per interface, once a peer uses LWO)
         open(batch): the receiving side, run by the engine on each batch from the UDP port:
         a datagram with the obfuscation bit set (byte 1 & 0x80; plain WireGuard has 0 there) is
         deobfuscated with *our* public key (LWO is keyed by the receiver's key, so no peer need
         be known first) and comes out from Endpoint(host, port, LwoPort.ident); plain datagrams
         pass untouched. One bit test per datagram.
-        send: what the core answers to such a source before it knows the peer (a cookie reply
-        under load), or to a peer that sent LWO without being configured for it: obfuscated for
-        the LWO peer last sent to at that address, else dropped and counted. A plain WireGuard
-        datagram never answers an LWO one.
+        send: what the core sends to such a source. To an LWO peer whose endpoint it is (its
+        latest authenticated datagram came LWO from there): obfuscated with that peer's key (its
+        LwoTransport, found by address; looked for among the LWO peers once per address it
+        moves to). A cookie reply under load (sent before the peer is known): obfuscated for the
+        LWO peer last sent to at that address. Anything else (a peer that sent LWO without
+        being configured for it): dropped and counted. A plain WireGuard datagram never answers
+        an LWO one.
 
 Both send through the UDP transport, so its back-pressure rule and fwmark apply unchanged; what
 would block comes back in its original (plain) form, to be obfuscated again with a new random
@@ -33,6 +43,7 @@ from transport.base import Datagram, Endpoint, ReceiveFunc, Transport
 from .lwo import LwoKey, deobfuscate, obfuscate
 
 _POOL = 4096
+MSG_COOKIE_REPLY = 3
 
 
 class RandomBytes:
@@ -67,6 +78,7 @@ class LwoPort(Transport):
         self.noise = RandomBytes()
         # (host, port) -> the LWO peer's transport that last sent there (checked on use).
         self.by_address: dict[tuple[str, int], LwoTransport] = {}
+        self.members: set[LwoTransport] = set()  # the open LwoTransports over this port
 
     def set_own_key(self, public_key: bytes | None) -> None:
         self.own = LwoKey(public_key) if public_key is not None else None
@@ -93,12 +105,40 @@ class LwoPort(Transport):
     def receivers(self) -> list[ReceiveFunc]:
         return []  # the UDP port receives; the engine hands its batches to `open`
 
+    def _owner(self, endpoint: Endpoint) -> LwoTransport | None:
+        """The LWO peer whose endpoint `endpoint` is (the core put it there: its latest
+        authenticated datagram came LWO from that address), by address, else by a look at every
+        LWO peer (once per address a peer moves to)."""
+        address = (endpoint[0], endpoint[1])
+        transport = self.by_address.get(address)
+        if transport is not None and not transport.closed and transport.peer is not None \
+                and transport.peer.endpoint == endpoint:
+            return transport
+        for member in self.members:
+            if member.peer is not None and member.peer.endpoint == endpoint:
+                self.by_address[address] = member
+                return member
+        return None
+
+    def _cookie_owner(self, endpoint: Endpoint) -> LwoTransport | None:
+        """A cookie reply goes out before the peer is known: the LWO peer last sent to there."""
+        address = (endpoint[0], endpoint[1])
+        transport = self.by_address.get(address)
+        if transport is None or transport.closed or transport.address != address:
+            return None
+        return transport
+
     def send(self, datagrams: list[Datagram]) -> list[Datagram]:
-        by_address = self.by_address
         groups: list[tuple[LwoTransport, list[Datagram]]] = []
+        last, transport = None, None
         for data, endpoint in datagrams:
-            transport = by_address.get((endpoint[0], endpoint[1]))
-            if transport is None or transport.closed or transport.address != (endpoint[0], endpoint[1]):
+            if data[0] == MSG_COOKIE_REPLY:
+                transport = self._cookie_owner(endpoint)
+                last = None
+            elif endpoint is not last:
+                last = endpoint
+                transport = self._owner(endpoint)
+            if transport is None:
                 self.drops.add("no LWO peer at this address")
                 continue
             if groups and groups[-1][0] is transport:
@@ -122,6 +162,7 @@ class LwoPort(Transport):
 
     def close(self) -> None:
         self.by_address.clear()
+        self.members.clear()
 
 
 class LwoTransport(Transport):
@@ -137,6 +178,7 @@ class LwoTransport(Transport):
         self.peer = peer  # the core's Peer object (a peer removed and added again is another one)
         self.address: tuple[str, int] | None = None  # where it last sent
         self.closed = False
+        port.members.add(self)
 
     def endpoint(self, address: tuple[str, int]) -> Endpoint:
         return Endpoint(address[0], address[1], self.ident)
@@ -188,5 +230,6 @@ class LwoTransport(Transport):
 
     def close(self) -> None:
         self.closed = True
+        self.port.members.discard(self)
         if self.address is not None and self.port.by_address.get(self.address) is self:
             del self.port.by_address[self.address]

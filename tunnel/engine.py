@@ -265,11 +265,13 @@ class Engine:
         return out
 
     def _set_direct(self, peer, address: tuple[str, int] | None) -> None:
-        """The peer reached directly on the UDP port: plainly, or through its LWO transport (it
-        roams, keeping that transport: Device.set_endpoint's `via`)."""
+        """The peer reached directly on the UDP port: plainly, or through its LWO transport. An
+        LWO peer roams freely: its endpoint follows the form of its latest authenticated
+        datagram too, LWO (LwoPort) or plain (bridge/lwo_transport.py), so it is answered as it
+        sends; until then, LWO."""
         lwo = self.lwo.get(peer.public_key)
         if lwo is not None and lwo.peer is peer:
-            self.device.set_endpoint(peer, None if address is None else lwo.endpoint(address), via=lwo.ident)
+            self.device.set_endpoint(peer, None if address is None else lwo.endpoint(address))
         else:
             self.device.set_endpoint(peer, None if address is None else Endpoint(address[0], address[1], UDP))
 

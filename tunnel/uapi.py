@@ -64,7 +64,9 @@ connection on an unknown operation, so a client learns at once that they are not
                                  (/0 ignored) is nested in that peer all the same.
     peer key `wgpy_obfuscation=lwo`  send this peer's datagrams on the UDP port as LWO (Mullvad's
                                  lightweight WireGuard obfuscation, bridge/lwo.py), and accept LWO on
-                                 the port while any peer has it; an empty value makes it plain again.
+                                 the port while any peer has it; once the peer has sent, in the form
+                                 of its latest authenticated datagram (a plain one is answered
+                                 plainly); an empty value makes it plain again.
                                  A bridge or nesting of the same peer takes precedence.
     peer key `wgpy_fallback=WAY,...`  the ways this peer can be reached, in order (bridge/fallback.py):
                                  `direct`, `lwo`, or a bridge URI as for `wgpy_bridge`; the daemon

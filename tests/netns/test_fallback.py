@@ -88,3 +88,11 @@ def test_wireguard_dpi_falls_back_to_lwo(lab):
     assert dropped(lab.r) > 0  # the plain attempts were seen and dropped
     print(f"\nFALLBACK | WireGuard DPI | direct -> lwo | traffic after {found:.1f} s")
     assert found < 30
+    # The DPI rule goes: the server answers the direct probe plainly (as it was sent), so the
+    # client returns to direct and stays there.
+    lab.r.run(["nft", "delete", "table", "inet", "wgpy_test_dpi"])
+    back = wait_in_use(lab, "direct", 75)
+    assert wait_for_ping(lab.c, TUN_S, 15) is not None, lab.log()
+    time.sleep(16)  # longer than a way takes to fail
+    assert in_use(lab) == "direct", lab.log()
+    print(f"FALLBACK | WireGuard DPI lifted | lwo -> direct | after {back:.1f} s")

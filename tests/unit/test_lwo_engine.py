@@ -105,10 +105,10 @@ async def test_lwo_pair_gets_through_the_dpi_rule(socket_dir, autojump_clock):
         assert {148, 92, 32} <= sizes  # initiation, response, keepalive: WireGuard's own sizes
         # ping: IPv4 20 + 400 bytes, padded to 16, + 32 of WireGuard
         assert 32 + (20 + 400 + 15) // 16 * 16 in sizes
-        # b's peer a: the address it learnt, on a's LWO transport.
+        # b's peer a: the address it learnt, as LWO (the LWO side of the port: answered as it sent).
         lwo_a = b.engine.lwo[a.public]
-        assert b.engine.device.peers[a.public].endpoint == Endpoint(*A_ADDR, lwo_a.ident)
-        assert lwo_a.sent >= 3 and b.engine.udp.sent == lwo_a.sent + b.engine._lwo_port.sent
+        assert b.engine.device.peers[a.public].endpoint == Endpoint(*A_ADDR, b.engine._lwo_port.ident)
+        assert lwo_a.sent >= 3 and b.engine.udp.sent == lwo_a.sent and b.engine._lwo_port.sent >= 3
         assert "wgpy_obfuscation=lwo\n" in await b.uapi("get=wgpy\n\n")
         assert "wgpy_obfuscation" not in await b.uapi("get=1\n\n")
         nursery.cancel_scope.cancel()
@@ -131,7 +131,7 @@ async def test_lwo_peer_roams_and_stays_lwo(socket_dir):
         with trio.fail_after(5):
             assert await b.tun.next_written() == ip4(A_IN, B_IN, b"after")
         peer_a = b.engine.device.peers[a.public]
-        assert peer_a.endpoint == Endpoint(*moved, b.engine.lwo[a.public].ident) and not peer_a.pinned
+        assert peer_a.endpoint == Endpoint(*moved, b.engine._lwo_port.ident) and not peer_a.pinned
         b.tun.inject(ip4(B_IN, A_IN, b"reply"))
         with trio.fail_after(5):
             assert await a.tun.next_written() == ip4(B_IN, A_IN, b"reply")
@@ -320,3 +320,108 @@ async def test_wgpy_set_obfuscation_on_a_running_engine(socket_dir, autojump_clo
         await trio.sleep(1)
         assert net.blocked > blocked and ip4(A_IN, B_IN, b"plain again") not in b.tun.written
         nursery.cancel_scope.cancel()
+
+
+async def test_a_direct_lwo_client_returns_to_direct_once_the_dpi_block_is_lifted(socket_dir, autojump_clock):
+    """A server with its client set to LWO answers it in the form its latest authenticated
+    datagram came in: a client with `Bridge = direct, lwo` falls back to LWO while the DPI rule
+    blocks plain WireGuard, and comes back to direct (plain, both ways) once the block is lifted;
+    while it uses LWO, nothing plain goes to it."""
+    from .test_fallback_engine import _deliver, _in_use  # noqa: PLC0415
+
+    net = DpiNetwork()
+    async with trio.open_nursery() as nursery:
+        a, b = await start(nursery, net, socket_dir, A_ADDR, B_ADDR)
+        await configure(b, B_ADDR[1], peer_lines(a, None, f"{A_IN}/32") + ["wgpy_obfuscation=lwo"])
+        await configure(a, A_ADDR[1], peer_lines(b, B_ADDR, f"{B_IN}/32") + ["wgpy_fallback=direct,lwo"])
+        took = await _deliver(a, b, b"blocked", within=60)
+        assert 14 <= took <= 21 and _in_use(await a.uapi("get=wgpy\n\n")) == 1
+        assert net.blocked >= 3 and all(is_lwo(d) for d in net.between(A_ADDR, B_ADDR))
+        # The block is lifted: the direct way is probed 30 s after LWO worked, and kept.
+        net.dpi = False
+        seen = len(net.seen)
+        start_ = trio.current_time()
+        while _in_use(await a.uapi("get=wgpy\n\n")) != 0:
+            assert trio.current_time() - start_ < 45
+            a.tun.inject(ip4(A_IN, B_IN, b"flowing"))
+            await trio.sleep(1)
+        await trio.sleep(20)  # longer than a way takes to fail (15 s): direct is kept
+        assert _in_use(await a.uapi("get=wgpy\n\n")) == 0
+        await _deliver(a, b, b"direct again", within=5)
+        b.tun.inject(ip4(B_IN, A_IN, b"back"))
+        with trio.fail_after(5):
+            while await a.tun.next_written() != ip4(B_IN, A_IN, b"back"):
+                pass
+        assert b.engine.device.peers[a.public].endpoint == Endpoint(*A_ADDR, UDP)
+        assert b.engine.lwo[a.public]  # still an LWO peer: it is answered as it sends
+        # From the probe's plain initiation on, plain both ways: the server answered it plainly.
+        after = [(s_, d) for s_, t, d in net.seen[seen:]]
+        probe = next(i for i, (s_, d) in enumerate(after) if s_ == A_ADDR and looks_like_wireguard(d) and d[0] == 1)
+        assert after[probe + 1][0] == B_ADDR and after[probe + 1][1][:4] == b"\x02\x00\x00\x00"
+        assert all(looks_like_wireguard(d) for _, d in after[probe:]), [(s_, d[:4]) for s_, d in after[probe:]]
+        assert sum(s_ == B_ADDR for s_, _ in after[probe:]) >= 2  # the response, and data
+        nursery.cancel_scope.cancel()
+
+
+async def test_only_an_authenticated_plain_datagram_gets_a_plain_answer(socket_dir):
+    """An LWO peer is answered plainly only after a plain datagram that authenticated: a replay of
+    one of its datagrams in plain form (stripped of LWO by someone who knows the server's key),
+    a forged initiation or a data message that does not decrypt, from its very address, leave
+    the answers LWO."""
+    net = DpiNetwork(dpi=False)
+    async with trio.open_nursery() as nursery:
+        a, b = await start(nursery, net, socket_dir, A_ADDR, B_ADDR)
+        await configure(a, A_ADDR[1], peer_lines(b, B_ADDR, f"{B_IN}/32") + ["wgpy_obfuscation=lwo"])
+        await configure(b, B_ADDR[1], peer_lines(a, None, f"{A_IN}/32") + ["wgpy_obfuscation=lwo"])
+        a.tun.inject(ip4(A_IN, B_IN, b"first"))
+        with trio.fail_after(5):
+            assert await b.tun.next_written() == ip4(A_IN, B_IN, b"first")
+        peer_a = b.engine.device.peers[a.public]
+        lwo_side = Endpoint(*A_ADDR, b.engine._lwo_port.ident)
+        assert peer_a.endpoint == lwo_side
+        # What a sent, in plain form, sent again from a's own address.
+        b_key = b.engine.device.public_key
+        sent = [deobfuscate(d, b_key) for s_, t, d in net.seen if s_ == A_ADDR]
+        data = [d for d in sent if d is not None and d[0] == 4 and len(d) > 32]
+        assert data
+        forged = [data[-1],  # a replay: its counter was seen
+                  bytes([1, 0, 0, 0]) + os.urandom(144),  # an initiation: no valid mac1
+                  data[-1][:16] + os.urandom(len(data[-1]) - 16)]  # data that does not decrypt
+        drops = dict(b.engine.device.drops)
+        a.udp.send([(d, Endpoint(*B_ADDR)) for d in forged])
+        await trio.sleep(0.5)
+        assert sum(b.engine.device.drops.values()) >= sum(drops.values()) + 3, b.engine.device.drops
+        assert peer_a.endpoint == lwo_side
+        wire = len(net.seen)
+        b.tun.inject(ip4(B_IN, A_IN, b"still lwo"))
+        with trio.fail_after(5):
+            assert await a.tun.next_written() == ip4(B_IN, A_IN, b"still lwo")
+        from_b = [d for s_, t, d in net.seen[wire:] if s_ == B_ADDR]
+        assert from_b and all(is_lwo(d) for d in from_b)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_port_answers_the_lwo_peer_whose_endpoint_it_is():
+    """LwoPort.send: a datagram to Endpoint(host, port, port.ident) goes out obfuscated with the
+    key of the LWO peer whose endpoint that is (found among its peers, then by address); none,
+    or one that has moved since: dropped."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    net = MemoryNetwork()
+    udp = net.attach(A_ADDR)
+    far = net.attach(B_ADDR)
+    port = LwoPort(5, udp)
+    to_far = Endpoint(*B_ADDR, 5)
+    keys = os.urandom(32), os.urandom(32)
+    peers = SimpleNamespace(endpoint=Endpoint("192.0.2.7", 7, 5)), SimpleNamespace(endpoint=to_far)
+    transports = [LwoTransport(6 + i, k, port, p) for i, (k, p) in enumerate(zip(keys, peers))]
+    message = bytes([4, 0, 0, 0]) + os.urandom(60)
+    assert port.send([(message, to_far)] * 2) == [] and port.by_address[B_ADDR] is transports[1]
+    got = [d for d, _ in await far.receivers()[0]()]
+    assert len(got) == 2 and all(deobfuscate(d, keys[1]) == message for d in got)
+    assert transports[1].sent == 2 and not transports[0].sent
+    peers[1].endpoint = Endpoint(*B_ADDR, UDP)  # its latest datagram came plain: not ours to answer
+    assert port.send([(message, to_far)]) == [] and port.drops.reasons["no LWO peer at this address"] == 1
+    transports[1].close()
+    peers[1].endpoint = to_far
+    assert port.send([(message, to_far)]) == [] and port.drops.reasons["no LWO peer at this address"] == 2
