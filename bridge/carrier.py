@@ -31,6 +31,7 @@ from collections import deque
 import trio
 
 from transport.base import Datagram, Endpoint, ReceiveFunc, Transport
+from transport.udp import GsoState, send_datagrams
 
 from .netio import errname
 from .shadowsocks import ShadowsocksError, Udp2022Client
@@ -107,6 +108,8 @@ class ShadowsocksTransport(BridgeTransport):
         self._retry = RETRY_MIN
         self._buf = bytearray(MAX_DATAGRAM)
         self._closed = False
+        # A refusal is counted as for the interface's UDP port: `wgpy show` tells why.
+        self._gso = GsoState(drops=self.drops)
 
     @property
     def connected(self) -> bool:
@@ -145,28 +148,41 @@ class ShadowsocksTransport(BridgeTransport):
             return []
         now = time.time()
         seal, drops = self.seal, self.drops
-        sent = 0
+        # Sealed first, sent after: equal-sized WireGuard datagrams seal to equal-sized packets
+        # (no padding), which send_datagrams sends as runs in one sendmsg each (UDP GSO).
+        packets: list[bytes] = []
+        origin: list[int] | None = None  # packets[k] seals datagrams[origin[k]]; None: k itself
         for i, (datagram, endpoint) in enumerate(datagrams):
             try:
-                packet = seal(datagram, (endpoint[0], endpoint[1]), now)
+                packets.append(seal(datagram, (endpoint[0], endpoint[1]), now))
             except ShadowsocksError as exc:
                 drops.add(f"seal: {type(exc).__name__}")
+                if origin is None:
+                    origin = list(range(len(packets)))
                 continue
-            try:
-                sock.send(packet)
-            except BlockingIOError:
-                # The 2022 packet id is spent; the resend seals again with a new one.
-                self.sent += sent
-                return datagrams[i:]
-            except OSError as exc:  # EMSGSIZE (MTU too high for the bridge), ECONNREFUSED, EPERM
-                drops.add(f"udp send: {errname(exc)}")
-                if exc.errno in REOPEN_ERRNOS:
-                    self.reopen(errname(exc))
-                    drops.add("no socket to the server yet", len(datagrams) - i - 1)
-                    break
-                continue
-            sent += 1
-        self.sent += sent
+            if origin is not None:
+                origin.append(i)
+        gso = self._gso
+        n = len(packets)
+        k = 0
+        while k < n:
+            stop, exc, m = send_datagrams(sock, packets, None, gso, k)
+            self.sent += stop - k
+            if exc is None:
+                break
+            if isinstance(exc, BlockingIOError):
+                # The 2022 packet ids of the unsent are spent; the resend seals again with new ones.
+                # Those whose seal failed are counted already and not offered again.
+                if origin is None:
+                    return datagrams[stop:]
+                return [datagrams[j] for j in origin[stop:]]
+            # EMSGSIZE (MTU too high for the bridge), ECONNREFUSED, EPERM
+            drops.add(f"udp send: {errname(exc)}", m)
+            k = stop + m
+            if exc.errno in REOPEN_ERRNOS:
+                self.reopen(errname(exc))
+                drops.add("no socket to the server yet", n - k)
+                break
         return []
 
     async def wait_writable(self) -> None:

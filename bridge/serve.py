@@ -69,7 +69,7 @@ from typing import Sequence
 import trio
 
 from transport.address import format_address
-from transport.udp import enable_gro, recv_datagrams
+from transport.udp import GsoState, enable_gro, recv_datagrams, send_datagrams
 
 from . import udp2tcp
 from .netio import errname, leaf_exception, send_all
@@ -153,8 +153,8 @@ class Stats:
     tcp_bytes_down: int = 0
     drops: Counter = field(default_factory=Counter)
 
-    def drop(self, reason: str, detail: str = "") -> None:
-        self.drops[reason] += 1
+    def drop(self, reason: str, detail: str = "", n: int = 1) -> None:
+        self.drops[reason] += n
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: dropped (%s)%s", self.name, reason, f" {detail}" if detail else "")
 
@@ -313,6 +313,8 @@ class ShadowsocksServer:
         self.tcp_active = 0
         self.udp_sock: socket.socket | None = None
         self.tcp_sock: socket.socket | None = None
+        # The listening socket's and the session sockets' GSO refusals (logged, not drops).
+        self._gso = GsoState()
 
     def open(self) -> None:
         self.udp_sock = _bind(self.host, self.port, socket.SOCK_DGRAM)
@@ -349,6 +351,9 @@ class ShadowsocksServer:
         view = memoryview(buf)
         while True:
             await trio.lowlevel.wait_readable(sock)
+            # Each session's payloads of this batch, in arrival order, sent after the batch: a
+            # client's burst (WireGuard datagrams of one size) then leaves in one sendmsg.
+            pending: dict[_UdpSession, list[bytes]] = {}
             for _ in range(BATCH):
                 try:
                     n, client = sock.recvfrom_into(buf)
@@ -357,9 +362,37 @@ class ShadowsocksServer:
                 except OSError as exc:
                     self.stats.drop(f"receive {errname(exc)}")
                     continue
-                self._udp_packet(bytes(view[:n]), client, nursery)
+                opened = self._udp_packet(bytes(view[:n]), client, nursery)
+                if opened is not None:
+                    session, payload = opened
+                    queued = pending.get(session)
+                    if queued is None:
+                        pending[session] = [payload]
+                    else:
+                        queued.append(payload)
+            for session, payloads in pending.items():
+                self._to_target(session, payloads)
 
-    def _udp_packet(self, packet: bytes, client: tuple, nursery: trio.Nursery) -> None:
+    def _to_target(self, session: _UdpSession, payloads: list[bytes]) -> None:
+        """Send a session's payloads to its target. A session evicted meanwhile still has its
+        socket (its task closes it, and has not run since): they go out as they would have
+        before the eviction."""
+        stats = self.stats
+        n = len(payloads)
+        i = 0
+        while i < n:
+            stop, exc, m = send_datagrams(session.sock, payloads, None, self._gso, i)
+            stats.udp_in += stop - i
+            if exc is None:
+                break
+            # EAGAIN, ECONNREFUSED (target not up), EMSGSIZE: count, go on
+            stats.drop(f"send {errname(exc)}", n=m)
+            i = stop + m
+
+    def _udp_packet(self, packet: bytes, client: tuple,
+                    nursery: trio.Nursery) -> tuple[_UdpSession, bytes] | None:
+        """The session an authentic packet belongs to (opened now if new) and its payload, or
+        None after counting why it was dropped."""
         stats = self.stats
         session_id = None
         try:
@@ -371,19 +404,19 @@ class ShadowsocksServer:
                                                        now=time.monotonic())
         except ReplayError:
             stats.drop("replay", f"from {_fmt(client)}")
-            return
+            return None
         except AuthenticationError:
             stats.drop("authentication", f"from {_fmt(client)}")
-            return
+            return None
         except ProtocolError:
             stats.drop("malformed", f"from {_fmt(client)}")
-            return
+            return None
         except ShadowsocksError:  # pragma: no cover - the codec raises ProtocolError only
             stats.drop("malformed", f"from {_fmt(client)}")
-            return
+            return None
         if not self.allow.allows(target):
             stats.drop("target not allowed", f"{_fmt(client)} -> {_fmt(target)}")
-            return
+            return None
         key = (session_id if session_id is not None else client, tuple(target))
         sessions = self.sessions
         session = sessions.pop(key, None)
@@ -396,13 +429,13 @@ class ShadowsocksServer:
                                     | socket.SOCK_CLOEXEC)
             except OSError as exc:  # EMFILE, EAFNOSUPPORT ([::1] without IPv6): a drop
                 stats.drop(f"socket {errname(exc)}", _fmt(target))
-                return
+                return None
             try:
                 out.connect(sockaddr)
             except OSError as exc:
                 out.close()
                 stats.drop(f"connect {errname(exc)}", _fmt(target))
-                return
+                return None
             # The target WireGuard's replies come in GSO bursts (wgpy, wireguard-go): with GRO a
             # burst is one read in _udp_replies, not one syscall a datagram (transport/udp.py).
             enable_gro(out)
@@ -415,11 +448,7 @@ class ShadowsocksServer:
             sessions[key] = session  # back in, at the end: the most recently active
             session.client = client  # 2022: a session follows its client's latest address
             session.last_active = trio.current_time()
-        try:
-            session.sock.send(payload)
-            stats.udp_in += 1
-        except OSError as exc:  # EAGAIN, ECONNREFUSED (target not up), EMSGSIZE: count, go on
-            stats.drop(f"send {errname(exc)}")
+        return session, payload
 
     def _evict_session(self) -> None:
         """Make room: close the least recently active session (the first in the table)."""
@@ -461,6 +490,9 @@ class ShadowsocksServer:
             session.last_active = trio.current_time()
             if sessions.pop(session.key, None) is session:
                 sessions[session.key] = session  # to the end: the most recently active
+            # Sealed as read, sent after the batch: equal-sized payloads seal to equal-sized
+            # replies, which leave in one sendmsg a run (UDP GSO).
+            replies: list[bytes] = []
             count = 0
             for _ in range(BATCH):  # reads; and about BATCH datagrams (a read is taken whole)
                 try:
@@ -480,14 +512,19 @@ class ShadowsocksServer:
                     except ShadowsocksError:  # e.g. the 2022 session expired meanwhile
                         self.stats.drop("reply: session gone")
                         continue
-                    try:
-                        listen.sendto(reply, session.client)
-                        self.stats.udp_out += 1
-                    except OSError as exc:
-                        self.stats.drop(f"reply send {errname(exc)}")
+                    replies.append(reply)
                 count += len(payloads)
                 if count >= BATCH:
                     break
+            n = len(replies)
+            i = 0
+            while i < n:
+                stop, exc, m = send_datagrams(listen, replies, session.client, self._gso, i)
+                self.stats.udp_out += stop - i
+                if exc is None:
+                    break
+                self.stats.drop(f"reply send {errname(exc)}", n=m)
+                i = stop + m
 
     # ---- TCP
 

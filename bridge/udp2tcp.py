@@ -78,7 +78,7 @@ import trio
 
 from transport.address import AddressError, format_address, split_host_port
 from transport.base import Drops
-from transport.udp import enable_gro, recv_datagrams
+from transport.udp import GsoState, enable_gro, recv_datagrams, send_datagrams
 
 from .netio import errname, exit_code, resolve, send_all
 
@@ -578,6 +578,7 @@ class LocalForwarder:
         self.peer: tuple | None = None
         self._sock: socket.socket | None = None
         self._drops = Drops()
+        self._gso = GsoState()  # a refusal is logged, not a drop: nothing is lost
 
     def statistics(self) -> dict:
         stats = self.client.statistics()
@@ -639,13 +640,19 @@ class LocalForwarder:
         if sock is None or self.peer is None:
             self._drops.add("no local peer yet", len(datagrams))
             return
-        for d in datagrams:
-            try:
-                sock.send(d)
-            except BlockingIOError:
-                self._drops.add("local socket full")
-            except OSError as exc:
-                self._drops.add(f"udp send: {errname(exc)}")
+        # A TCP read's datagrams in one sendmsg a run of equal sizes (UDP GSO): the local
+        # WireGuard reads a burst with GRO, or the kernel cuts it into the same datagrams again.
+        n = len(datagrams)
+        i = 0
+        while i < n:
+            stop, exc, m = send_datagrams(sock, datagrams, None, self._gso, i)
+            if exc is None:
+                break
+            if isinstance(exc, BlockingIOError):
+                self._drops.add("local socket full", m)
+            else:
+                self._drops.add(f"udp send: {errname(exc)}", m)
+            i = stop + m
 
 
 async def run_local_forwarder(listen: Address, server: Address, *,
@@ -800,6 +807,7 @@ class Udp2TcpServer:
         self._to_udp = 0
         self._to_tcp = 0
         self._drops = Drops()
+        self._gso = GsoState()  # the target sockets' refusals: logged, not drops
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
@@ -918,21 +926,24 @@ class Udp2TcpServer:
         done.cancel()
 
     async def _send_udp(self, udp: socket.socket, datagrams: list[bytes]) -> None:
-        for d in datagrams:
-            try:
-                udp.send(d)
-            except BlockingIOError:
+        # A TCP read's datagrams in one sendmsg a run of equal sizes (UDP GSO). A full socket is
+        # waited for once per send that finds it full; failing again, that send's datagrams
+        # are dropped.
+        n = len(datagrams)
+        i = 0
+        waited = -1  # the index whose send already waited for room
+        while i < n:
+            stop, exc, m = send_datagrams(udp, datagrams, None, self._gso, i)
+            self._to_udp += stop - i
+            if exc is None:
+                break
+            if isinstance(exc, BlockingIOError) and waited != stop:
+                waited = i = stop
                 await trio.lowlevel.wait_writable(udp)
-                try:
-                    udp.send(d)
-                except OSError as exc:
-                    self._drops.add(f"udp send: {errname(exc)}")
-                    continue
-            except OSError as exc:
-                # ECONNREFUSED (the target is not listening right now), EMSGSIZE: count, go on.
-                self._drops.add(f"udp send: {errname(exc)}")
                 continue
-            self._to_udp += 1
+            # ECONNREFUSED (the target is not listening right now), EMSGSIZE: count, go on.
+            self._drops.add(f"udp send: {errname(exc)}", m)
+            i = stop + m
 
     async def _udp_to_tcp(self, udp: socket.socket, tcp: socket.socket, done: trio.CancelScope,
                           peer: tuple) -> None:

@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
+import operator
 import os
 import socket
 import struct
+import weakref
 
 import trio
 
-from .base import UDP, Datagram, Endpoint, ReceiveFunc, Transport
+from .base import UDP, Datagram, Drops, Endpoint, ReceiveFunc, Transport
+
+log = logging.getLogger("wgpy.udp")
+_ENDPOINT = operator.itemgetter(1)  # of a Datagram
 
 SO_MARK = 36
 SO_SNDBUFFORCE = 32
@@ -42,6 +48,11 @@ GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 GSO_ENABLED = os.environ.get("WGPY_UDP_GSO", "1") != "0"
 _SEGMENT = struct.Struct("=H")
+# What a socket answers to a GSO send it cannot make: EIO when the route's device cannot
+# checksum (udp_send_skb), EINVAL when a segment exceeds the route's MTU or the socket sends
+# without checksums, ENOPROTOOPT/EOPNOTSUPP before Linux 4.18. The socket then sends plainly
+# for good (a too-large datagram then fails alone with EMSGSIZE, counted as before).
+GSO_REFUSALS = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 # UDP GRO (Linux 5.0+): the kernel may hand a socket that asks for it a run of equal-sized
 # datagrams from one source (the last may be shorter) as one read, with a UDP_GRO cmsg saying
 # the segment size: a GSO send arriving intact (loopback, veth), or datagrams a NIC coalesced.
@@ -91,6 +102,87 @@ def recv_datagrams(sock: socket.socket, bufs: list[bytearray],
     return [bytes(view[:n])], addr
 
 
+class GsoState:
+    """One sender's UDP GSO state for `send_datagrams`: whether to try GSO (WGPY_UDP_GSO when
+    made) and the sockets that refused it, which send plainly from then on. Weak: a closed
+    socket (a rebind, a bridge session gone idle) leaves the set with its last reference.
+    A refusal is logged, and counted in `drops` when given (as "udp gso refused: plain sends":
+    nothing is lost, but a statistics reader then sees why sends cost a syscall a datagram)."""
+
+    __slots__ = ("enabled", "refused", "drops")
+
+    def __init__(self, enabled: bool | None = None, drops: Drops | None = None) -> None:
+        self.enabled = GSO_ENABLED if enabled is None else enabled
+        self.refused: weakref.WeakSet = weakref.WeakSet()
+        self.drops = drops
+
+    def refuse(self, sock, exc: OSError) -> None:
+        self.refused.add(sock)
+        if self.drops is not None:
+            self.drops.add("udp gso refused: plain sends")
+        log.info("UDP GSO refused (%s): plain sends on this socket",
+                 errno.errorcode.get(exc.errno, exc.errno))
+
+
+def send_datagrams(sock, payloads: list, addr: tuple | None, gso: GsoState | None,
+                   start: int = 0) -> tuple[int, OSError | None, int]:
+    """Send `payloads[start:]` in order as datagrams through `sock`, to `addr` (None: the socket
+    is connected). With `gso` enabled and not refused by `sock`, each run of equal-sized
+    payloads (the last may be shorter; at most GSO_MAX_SEGMENTS and GSO_MAX_BYTES) leaves in one
+    sendmsg with UDP_SEGMENT; a socket that refuses that is remembered in `gso` and the same
+    payloads go again plainly, one send each: the wire sees the same datagrams either way.
+
+    Stops at the first send that fails and returns (i, exc, n): the send of `payloads[i:i + n]`
+    raised `exc` and nothing from `i` on was sent (a UDP send is all or nothing, a GSO one too).
+    BlockingIOError means the socket buffer is full: the caller waits, drops, or queues as it
+    did per datagram; for any other error it counts `n` datagrams lost and calls again from
+    `i + n`. Returns (len(payloads), None, 0) when everything was sent."""
+    n = len(payloads)
+    i = start
+    # Checked once a call: a socket refuses for good (its kernel or route), not per datagram.
+    grouped = gso is not None and gso.enabled and n - start > 1 and sock not in gso.refused
+    lens = list(map(len, payloads)) if grouped else None
+    while i < n:
+        if grouped:
+            size = lens[i]
+            # Empty datagrams never join a run: the kernel cuts by size, so they would vanish.
+            limit = (min(n, i + GSO_MAX_SEGMENTS, i + max(1, GSO_MAX_BYTES // size)) if size
+                     else i + 1)
+            window = lens[i:limit]
+            if window.count(size) == len(window):  # the usual burst: all alike, counted in C
+                j = limit
+            else:
+                j = i + 1
+                while lens[j] == size:
+                    j += 1
+                if 0 < lens[j] < size:
+                    j += 1  # a shorter last segment joins the run
+            if j - i > 1:
+                segment = [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(size))]
+                try:
+                    if addr is None:
+                        sock.sendmsg(payloads[i:j], segment)
+                    else:
+                        sock.sendmsg(payloads[i:j], segment, 0, addr)
+                except OSError as exc:
+                    if exc.errno in GSO_REFUSALS:
+                        gso.refuse(sock, exc)
+                        grouped = False
+                        continue  # the same payloads again, one send each
+                    return i, exc, j - i
+                i = j
+                continue
+        try:
+            if addr is None:
+                sock.send(payloads[i])
+            else:
+                sock.sendto(payloads[i], addr)
+        except OSError as exc:
+            return i, exc, 1
+        i += 1
+    return n, None, 0
+
+
 def endpoint_of(addr: tuple, via: int = UDP) -> Endpoint:
     """A socket address (v4 2-tuple or v6 4-tuple) as an Endpoint; v4-mapped v6 becomes v4."""
     host, port = addr[0], addr[1]
@@ -116,8 +208,7 @@ class UdpTransport(Transport):
         self._endpoints: dict[tuple, Endpoint] = {}
         self._blocked: socket.socket | None = None  # the socket whose buffer was full
         # Sockets that refused a GSO send (an old kernel, a path without it): plain sends there.
-        self.gso = GSO_ENABLED
-        self._no_gso: set = set()
+        self._gso = GsoState(drops=self.drops)
         # Read when (re)binding: the sockets that got GRO, read with recv_datagrams.
         self.gro = GRO_ENABLED
         self._gro: set = set()
@@ -293,77 +384,57 @@ class UdpTransport(Transport):
     def send(self, datagrams: list[Datagram]) -> list[Datagram]:
         v4, v6 = self.v4, self.v6
         drops = self.drops
+        gso = self._gso
         sent = 0
-        gso = self.gso
         n = len(datagrams)
+        endpoints = list(map(_ENDPOINT, datagrams))
         i = 0
-        last = sock = addr = None
         while i < n:
-            data, endpoint = datagrams[i]
-            if endpoint is not last:  # runs of datagrams to one endpoint share the lookup
-                last = endpoint
-                host = endpoint[0]
-                sock = v6 if ":" in host else v4
-                addr = (host, endpoint[1])
+            # The run of datagrams to one endpoint gets one lookup, and send_datagrams groups it
+            # further by size. Usually it is the whole batch, which a count in C tells.
+            endpoint = endpoints[i]
+            if i == 0 and endpoints.count(endpoint) == n:
+                j = n
+            else:
+                j = i + 1
+                while j < n:
+                    ep = endpoints[j]
+                    if ep is not endpoint and ep != endpoint:
+                        break
+                    j += 1
+            host = endpoint[0]
+            sock = v6 if ":" in host else v4
             if sock is None:
-                drops.add("no socket for endpoint family")
-                i += 1
+                drops.add("no socket for endpoint family", j - i)
+                i = j
                 continue
-            if gso:
-                run = self._gso_run(datagrams, i, endpoint, len(data))
-                if run > 1 and sock not in self._no_gso:
-                    try:
-                        sock.sendmsg([d for d, _ in datagrams[i:i + run]],
-                                     [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(len(data)))], 0, addr)
-                    except BlockingIOError:
-                        self.sent += sent
-                        self._blocked = sock
-                        return datagrams[i:]
-                    except OSError as exc:
-                        if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
-                            self._no_gso.add(sock)  # this socket sends plainly from now on
-                            drops.add("udp gso refused: plain sends")
-                            continue  # the same datagrams again, one by one
-                        drops.add(f"udp send: {errno.errorcode.get(exc.errno, exc.errno)}", run)
-                        i += run
-                        continue
-                    sent += run
-                    i += run
-                    continue
-            try:
-                sock.sendto(data, addr)
-            except BlockingIOError:
-                self.sent += sent
-                self._blocked = sock
-                return datagrams[i:]
-            except OSError as exc:
+            payloads = [d for d, _ in datagrams[i:j]]
+            addr = (host, endpoint[1])
+            k = 0
+            while True:
+                stop, exc, m = send_datagrams(sock, payloads, addr, gso, k)
+                sent += stop - k
+                if exc is None:
+                    break
+                if isinstance(exc, BlockingIOError):
+                    self.sent += sent
+                    self._blocked = sock
+                    return datagrams[i + stop:]
                 # Unreachable networks, EPERM from a firewall, EMSGSIZE: count, never stop.
-                drops.add(f"udp send: {errno.errorcode.get(exc.errno, exc.errno)}")
-                i += 1
-                continue
-            sent += 1
-            i += 1
+                drops.add(f"udp send: {errno.errorcode.get(exc.errno, exc.errno)}", m)
+                k = stop + m
+            i = j
         self.sent += sent
         return []
 
-    @staticmethod
-    def _gso_run(datagrams: list[Datagram], i: int, endpoint, size: int) -> int:
-        """How many datagrams from `i` can leave in one GSO send: the same endpoint, the same
-        size (the last may be shorter), within the kernel's segment and byte limits."""
-        n = len(datagrams)
-        limit = min(n, i + GSO_MAX_SEGMENTS, i + max(1, GSO_MAX_BYTES // max(size, 1)))
-        j = i + 1
-        while j < limit:
-            data, ep = datagrams[j]
-            if ep is not endpoint and ep != endpoint:
-                break
-            m = len(data)
-            if m != size:
-                if m < size:
-                    j += 1  # a shorter last segment is allowed
-                break
-            j += 1
-        return j - i
+    @property
+    def gso(self) -> bool:
+        """Whether sends try UDP GSO (GSO_ENABLED when made)."""
+        return self._gso.enabled
+
+    @gso.setter
+    def gso(self, on: bool) -> None:
+        self._gso.enabled = on
 
     async def wait_writable(self) -> None:
         sock, self._blocked = self._blocked, None

@@ -623,16 +623,26 @@ class _FullAfter:
         self.packets.append(packet)
         return len(packet)
 
+    def sendmsg(self, packets: list[bytes], ancillary) -> int:
+        """A GSO send: all of it fits, or none (as in the kernel)."""
+        if len(self.packets) + len(packets) > self.room:
+            raise BlockingIOError(errno.EAGAIN, "full")
+        self.packets += packets
+        return sum(map(len, packets))
 
+
+@pytest.mark.parametrize("gso", [True, False], ids=["gso", "plain"])
 @pytest.mark.parametrize("method", ["aes-128-gcm", "2022-blake3-aes-128-gcm"])
-def test_ss_send_returns_what_would_block_for_the_engine_to_offer_again(method):
+def test_ss_send_returns_what_would_block_for_the_engine_to_offer_again(method, gso):
     """The transport back-pressure rule: a full socket is not a drop; the unsent tail comes back
-    in order, and sending it later (a 2022 packet id is spent on the refused one) works."""
+    in order, and sending it later (a 2022 packet id is spent on the refused one) works. With
+    GSO, the first three (one size) leave in one send, the last two (another) would block."""
     spec = parse_bridge(format_uri(ServerConfig(method, secret_for(method), LOOP, 8388)))
     carrier = open_bridge(spec, IDENT)
+    carrier._gso.enabled = gso
     sock = _FullAfter(room=3)
     carrier._sock = sock
-    batch = [(b"d%d" % i, WG) for i in range(5)]
+    batch = [(b"d%d" % i, WG) for i in range(3)] + [(b"dd%d" % i, WG) for i in range(3, 5)]
     rest = carrier.send(batch)
     assert rest == batch[3:] and carrier.sent == 3 and carrier.drops.total == 0
     sock.room = 10
