@@ -23,7 +23,7 @@ from .suite import SCENARIOS, STANDARD, Options, run
 PROG = "wgpy bench"
 # Options that only some scenarios use: shown in `wgpy bench SCENARIO --help` for those.
 SCENARIO_OPTIONS = {"core": {"sizes", "packets"}, "scale": {"peers", "packets"}, "bridge": {"methods", "against"},
-                    "tunnel": {"against", "without"}, "latency": {"pings"}, "multihop": set(), "flood": {"flood_rate"}}
+                    "tunnel": {"against", "without"}, "latency": {"pings", "against"}, "multihop": set(), "flood": {"flood_rate"}}
 
 
 def _int_list(lo: int, hi: int, what: str):
@@ -99,7 +99,7 @@ def build_parser(scenario: str | None = None) -> argparse.ArgumentParser:
                         "OLD.json NEW.json: compare two results files without running")
     if "against" in wanted:
         p.add_argument("--against", metavar="CHECKOUT",
-                       help="tunnel, bridge: also measure the wgpy of another checkout (e.g. the parent commit) "
+                       help="tunnel, bridge, latency: also measure the wgpy of another checkout (e.g. the parent commit) "
                             "as wgpy@base")
     if "without" in wanted:
         p.add_argument("--without", action="append", type=_features, metavar="FEATURE[+FEATURE]",

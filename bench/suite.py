@@ -229,8 +229,11 @@ def _plan_latency(opts: Options, results: Results) -> list[Step]:
     have_go = not _lacking(WG_GO)
     if not have_go:
         results.note("latency", "wireguard-go not found: the reference pair is skipped")
+    ref = WG_GO_PAIR if have_go else ""
     pairs = [("veth", "veth", "")] + ([(WG_GO, WG_GO, "")] if have_go else []) + [
-        ("wgpy", "wgpy", WG_GO_PAIR if have_go else "")]
+        ("wgpy", "wgpy", ref)]
+    if opts.against:
+        pairs.append((tunnel.BASE, tunnel.BASE, ref))
 
     def step(left: str, right: str, ref: str) -> Step:
         subject = tunnel.pair_label(left, right)

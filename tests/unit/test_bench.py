@@ -287,3 +287,12 @@ def test_without_measures_a_variant_pair_with_those_offloads_off(monkeypatch):
     env = tunnel._env("wgpy without udp-gso+udp-gro")
     assert (env["WGPY_UDP_GSO"], env["WGPY_UDP_GRO"]) == ("0", "0")
     assert "WGPY_TUN_OFFLOAD" not in env
+
+
+def test_latency_measures_the_other_checkout_too(monkeypatch):
+    from bench import suite, tunnel
+    opts = cli.options(cli.build_parser().parse_args(["latency", "--against", "/tmp"]))
+    monkeypatch.setattr(suite, "_netns_blocker", lambda *a: False)
+    monkeypatch.setattr(suite, "_lacking", lambda *a: False)
+    plan = suite._plan_latency(opts, Results(machine={}, started="", settings={}))
+    assert [step.what for step in plan][-1] == f"ping {tunnel.BASE} <-> {tunnel.BASE}"
