@@ -58,6 +58,15 @@ UAPI_IDLE_TIMEOUT = 30.0  # a client that sends nothing for this long is disconn
 UAPI_MAX_CONNECTIONS = 32
 UAPI_READ_SIZE = 65536
 FALLBACK_POLL = 1.0  # seconds between looks at the handshakes of peers with several ways
+# After a wakeup that moved only a few packets (a ping, a keystroke, a request), the engine keeps
+# looking at the TUN and the UDP sockets for this long before it sleeps in epoll, as a NIC driver's
+# busy poll does. Measured here (ping every 50 ms through a wgpy pair, 3 rounds each): idle RTT
+# 1.11-1.20 ms without, 0.79-0.99 ms with 200 us, no better with 500 us; RTT under iperf3 and
+# throughput unchanged within noise. It costs a few windows of CPU per such wakeup (about 1% at 20
+# pings/s); a busy tunnel's batches are full and skip it. WGPY_POLL_US=0 turns it off.
+POLL_WINDOW = max(0.0, float(os.environ.get("WGPY_POLL_US", "200") or 0) / 1e6)
+POLL_AFTER = 8  # batches smaller than this are followed by the poll
+POLL_ROUNDS = 5  # the poll gives the thread back to trio after at most this many windows
 
 
 class Engine:
@@ -79,6 +88,8 @@ class Engine:
         self.device = Device(None, wall_offset=0.0, mtu=self.tun.mtu)
         self.udp = udp if udp is not None else UdpTransport()
         self.udp.ident = UDP
+        # The brief busy poll after small batches needs sockets to look at (not the memory doubles).
+        self.poll_window = POLL_WINDOW if isinstance(self.udp, UdpTransport) else 0.0
         # Every transport by the number its endpoints carry (Endpoint.via); UDP is 0.
         self.transports: dict[int, Transport] = {UDP: self.udp}
         self._scopes: dict[int, trio.CancelScope] = {}  # each transport's tasks
@@ -595,6 +606,8 @@ class Engine:
             to_net = self._inbound(batch)
             if to_net:
                 await self._send(to_net)
+            if len(batch) < POLL_AFTER and self.poll_window:
+                await self._poll_briefly()
 
     def _inbound(self, batch: list[Datagram]) -> list[Datagram]:
         """One batch of received datagrams through the core: packets to the TUN, and what the
@@ -684,6 +697,51 @@ class Engine:
             self._reschedule_timers()
             if out:
                 await self._send(out)
+            if len(batch) < POLL_AFTER and self.poll_window:
+                await self._poll_briefly()
+
+    async def _poll_briefly(self) -> None:
+        """Look at the TUN and the UDP sockets without sleeping for up to `poll_window` seconds
+        (yielding the CPU to anything runnable in between). What turns up is handled as its own
+        task would handle it, and the window starts again, as long as the traffic stays small:
+        a full batch, or POLL_ROUNDS windows in all, give the thread back to trio (whose other
+        tasks, timers and UAPI, wait meanwhile). Waking a sleeping process costs much more than
+        this on a virtual machine (see POLL_WINDOW)."""
+        udp, tun = self.udp, self.tun
+        now = time.perf_counter
+        deadline = now() + self.poll_window
+        give_up = now() + self.poll_window * POLL_ROUNDS
+        while True:
+            moved = 0
+            try:
+                packets = tun.read_batch(TUN_BATCH)
+            except OSError:
+                return  # the TUN reader meets the same error and stops the engine
+            if packets:
+                moved += len(packets)
+                out = self.device.outbound(packets, trio.current_time())
+                self._reschedule_timers()
+                if out:
+                    await self._send(out)
+            for sock in udp.sockets:
+                try:
+                    batch = udp.recv_batch(sock, TUN_BATCH)
+                except trio.ClosedResourceError:
+                    return
+                if batch:
+                    moved += len(batch)
+                    to_net = self._inbound(batch)
+                    if to_net:
+                        await self._send(to_net)
+            t = now()
+            if moved >= POLL_AFTER or t >= give_up:
+                return
+            if moved:
+                deadline = t + self.poll_window
+            elif t >= deadline:
+                return
+            else:
+                os.sched_yield()
 
     def wake_timers(self) -> None:
         self._wake.set()

@@ -6,7 +6,10 @@ driven clock (trio's MockClock) runs hours of protocol time in a second."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+import time
 
 import pytest
 import trio
@@ -16,7 +19,9 @@ from bridge.carrier import BridgeTransport
 from bridge.spec import parse_bridge
 from transport.base import UDP, Endpoint
 from transport.memory import MemoryNetwork, MemoryTransport, MemoryTun
+from transport.udp import UdpTransport
 from tunnel import uapi
+from tunnel import engine as engine_module
 from tunnel.engine import Engine
 from tunnel.keys import generate_private_key
 from tunnel.noise.crypto import public_key
@@ -316,3 +321,60 @@ async def test_the_hosts_immediate_answer_leaves_in_the_same_wakeup(socket_dir):
         with trio.fail_after(5):
             assert await a.tun.next_written() == ip4(B_IN, A_IN, b"pong")
         nursery.cancel_scope.cancel()
+
+
+class PolledUdp(UdpTransport):
+    """A UDP transport whose socket has a datagram on the looks in `ready`, never otherwise."""
+
+    def __init__(self, ready=(), size: int = 1) -> None:
+        super().__init__()
+        self.looks, self.ready, self.size = 0, ready, size
+
+    @property
+    def sockets(self):
+        return ["sock"]
+
+    def recv_batch(self, sock, limit):
+        self.looks += 1
+        if self.ready == "always" or self.looks in self.ready:
+            return [(b"datagram", Endpoint(*A_ADDR, UDP))] * self.size
+        return []
+
+
+async def test_the_brief_poll_takes_what_arrives_within_its_window(socket_dir, monkeypatch):
+    """After a small batch the engine looks at its sockets and TUN for `poll_window` before it
+    sleeps: what arrives meanwhile is handled at once and the window starts again; nothing
+    arriving, it stops at the end of the window; a full batch or POLL_ROUNDS windows give the
+    thread back to trio."""
+    udp = PolledUdp(ready=(3,))
+    engine = Engine("wgp", socket_dir=socket_dir, tun=MemoryTun("wgp"), udp=udp)
+    assert engine.poll_window > 0  # on by default with a real UDP transport
+    handled = []
+    monkeypatch.setattr(engine, "_inbound", lambda batch: handled.append(len(batch)) or [])
+    window = engine.poll_window = 0.05
+    start = time.perf_counter()
+    await engine._poll_briefly()
+    took = time.perf_counter() - start
+    assert handled == [1] and udp.looks > 3  # handled, then looked on for another window
+    assert window <= took < 20 * window
+    engine.tun.inject(ip4(A_IN, B_IN))  # the TUN is looked at too (no key yet: counted, dropped)
+    await engine._poll_briefly()
+    assert sum(engine.device.drops.values()) == 1 and not engine.tun.read_batch(10)
+    # Small traffic all the time: back to trio after POLL_ROUNDS windows.
+    udp.ready, udp.looks = "always", 0
+    start = time.perf_counter()
+    await engine._poll_briefly()
+    took = time.perf_counter() - start
+    assert engine_module.POLL_ROUNDS * window <= took < engine_module.POLL_ROUNDS * window + 1.0
+    # A full batch: back to trio at once.
+    udp.size, handled[:] = engine_module.POLL_AFTER, []
+    await engine._poll_briefly()
+    assert handled == [engine_module.POLL_AFTER]
+
+
+def test_the_brief_poll_is_off_for_memory_transports_and_by_environment(socket_dir):
+    engine = Engine("wgm", socket_dir=socket_dir, tun=MemoryTun("wgm"), udp=MemoryNetwork().attach(A_ADDR))
+    assert engine.poll_window == 0.0
+    r = subprocess.run([sys.executable, "-c", "import tunnel.engine as e; print(e.POLL_WINDOW)"],
+                       env={**os.environ, "WGPY_POLL_US": "0"}, capture_output=True, text=True)
+    assert r.stdout.strip() == "0.0", r.stderr
