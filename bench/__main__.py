@@ -23,7 +23,7 @@ from .suite import SCENARIOS, STANDARD, Options, run
 PROG = "wgpy bench"
 # Options that only some scenarios use: shown in `wgpy bench SCENARIO --help` for those.
 SCENARIO_OPTIONS = {"core": {"sizes", "packets"}, "scale": {"peers", "packets"}, "bridge": {"methods", "against"},
-                    "tunnel": {"against", "without"}, "latency": {"pings", "against"}, "multihop": set(), "flood": {"flood_rate"}}
+                    "tunnel": {"against", "without"}, "latency": {"pings", "against", "without"}, "multihop": set(), "flood": {"flood_rate"}}
 
 
 def _int_list(lo: int, hi: int, what: str):
@@ -103,8 +103,8 @@ def build_parser(scenario: str | None = None) -> argparse.ArgumentParser:
                             "as wgpy@base")
     if "without" in wanted:
         p.add_argument("--without", action="append", type=_features, metavar="FEATURE[+FEATURE]",
-                       help="tunnel: also measure a wgpy pair with these offloads off, to see what they "
-                            f"buy (repeatable; {', '.join(tunnel.FEATURES)})")
+                       help="tunnel, latency: also measure a wgpy pair with these features off, to see "
+                            f"what they buy (repeatable; {', '.join(tunnel.FEATURES)})")
     if "sizes" in wanted:
         p.add_argument("--sizes", type=_int_list(28, 65535, "sizes"), help="core: packet sizes (default 64,512,1420)")
     if "packets" in wanted:

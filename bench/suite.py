@@ -37,7 +37,8 @@ class Options:
     pings: int = 40
     flood_rate: int = 50_000  # handshake initiations per second in the flood scenario
     against: str | None = None  # another checkout's wgpy, measured as tunnel.BASE
-    # tunnel: wgpy pairs with these sets of offloads off (tunnel.FEATURES), e.g. (("tun-offload",),)
+    # tunnel, latency: wgpy pairs with these sets of features off (tunnel.FEATURES),
+    # e.g. (("tun-offload",), ("udp-gso", "udp-gro"))
     without: tuple[tuple[str, ...], ...] = ()
 
     @classmethod
@@ -234,6 +235,9 @@ def _plan_latency(opts: Options, results: Results) -> list[Step]:
         ("wgpy", "wgpy", ref)]
     if opts.against:
         pairs.append((tunnel.BASE, tunnel.BASE, ref))
+    for features in opts.without:
+        variant = tunnel.add_variant(features)
+        pairs.append((variant, variant, ref))
 
     def step(left: str, right: str, ref: str) -> Step:
         subject = tunnel.pair_label(left, right)

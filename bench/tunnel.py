@@ -45,9 +45,11 @@ def add_checkout(path: str) -> str:
     return BASE
 
 
-# The hot loop's kernel offloads, each with the environment switch that turns it off: `wgpy bench
-# tunnel --without FEATURE` measures a wgpy pair without it in the same run, i.e. what it buys.
-FEATURES = {"tun-offload": "WGPY_TUN_OFFLOAD", "udp-gso": "WGPY_UDP_GSO", "udp-gro": "WGPY_UDP_GRO"}
+# The hot loop's offloads and the busy poll, each with the environment switch that turns it off:
+# `wgpy bench tunnel|latency --without FEATURE` measures a wgpy pair without it in the same run,
+# i.e. what it buys.
+FEATURES = {"tun-offload": "WGPY_TUN_OFFLOAD", "udp-gso": "WGPY_UDP_GSO", "udp-gro": "WGPY_UDP_GRO",
+            "busy-poll": "WGPY_POLL_US"}
 _variant_env: dict[str, dict[str, str]] = {}  # impl -> environment that turns features off
 
 

@@ -55,7 +55,7 @@ def test_scenario_help_shows_only_its_options():
     (["bridge", "--methods", "rot13"], "unknown method rot13"),
     (["--rounds", "0"], "must be at least 1"),
     (["--compare", "a", "b", "c"], "--compare takes OLD.json, or OLD.json NEW.json"),
-    (["tunnel", "--without", "tso"], "unknown feature tso; choose from tun-offload, udp-gso, udp-gro"),
+    (["tunnel", "--without", "tso"], "unknown feature tso; choose from tun-offload, udp-gso, udp-gro, busy-poll"),
 ])
 def test_bad_arguments_are_one_clear_line(argv, message):
     r = wgpy("bench", *argv)
@@ -296,3 +296,7 @@ def test_latency_measures_the_other_checkout_too(monkeypatch):
     monkeypatch.setattr(suite, "_lacking", lambda *a: False)
     plan = suite._plan_latency(opts, Results(machine={}, started="", settings={}))
     assert [step.what for step in plan][-1] == f"ping {tunnel.BASE} <-> {tunnel.BASE}"
+    opts = cli.options(cli.build_parser().parse_args(["latency", "--without", "busy-poll"]))
+    plan = suite._plan_latency(opts, Results(machine={}, started="", settings={}))
+    assert [step.what for step in plan][-1] == "ping wgpy without busy-poll <-> wgpy without busy-poll"
+    assert tunnel._env("wgpy without busy-poll")["WGPY_POLL_US"] == "0"
