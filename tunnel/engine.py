@@ -60,10 +60,11 @@ UAPI_READ_SIZE = 65536
 FALLBACK_POLL = 1.0  # seconds between looks at the handshakes of peers with several ways
 # After a wakeup that moved only a few packets (a ping, a keystroke, a request), the engine keeps
 # looking at the TUN and the UDP sockets for this long before it sleeps in epoll, as a NIC driver's
-# busy poll does. Measured here (ping every 50 ms through a wgpy pair, 3 rounds each): idle RTT
-# 1.11-1.20 ms without, 0.79-0.99 ms with 200 us, no better with 500 us; RTT under iperf3 and
-# throughput unchanged within noise. It costs a few windows of CPU per such wakeup (about 1% at 20
-# pings/s); a busy tunnel's batches are full and skip it. WGPY_POLL_US=0 turns it off.
+# busy poll does. `wgpy bench latency --without busy-poll --rounds 5`: idle ping RTT 0.72 ms with
+# it, 0.94 ms without (wireguard-go 0.46), RTT under iperf3 the same; 500 us bought no more than
+# 200 us (ad-hoc runs). Waking a sleeping process costs more than this on a virtual machine. It
+# costs a few windows of CPU per such wakeup (about 1% at 20 pings/s); a busy tunnel's batches are
+# full and skip it. WGPY_POLL_US=0 turns it off.
 POLL_WINDOW = max(0.0, float(os.environ.get("WGPY_POLL_US", "200") or 0) / 1e6)
 POLL_AFTER = 8  # batches smaller than this are followed by the poll
 POLL_ROUNDS = 5  # the poll gives the thread back to trio after at most this many windows
