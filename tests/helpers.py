@@ -27,6 +27,26 @@ def checksum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
+def pseudo_header(v4: bool, src: bytes, dst: bytes, proto: int, length: int) -> bytes:
+    """The TCP/UDP checksum's pseudo-header (RFC 793, RFC 8200 8.1)."""
+    if v4:
+        return src + dst + bytes([0, proto]) + struct.pack("!H", length)
+    return src + dst + struct.pack("!I", length) + bytes([0, 0, 0, proto])
+
+
+def checksums_valid(packet: bytes) -> bool:
+    """Verified as a receiver would: the IPv4 header, and the TCP/UDP segment with its
+    pseudo-header, each sum to 0xFFFF (IPv4 without options or IPv6 without extension headers)."""
+    v4 = packet[0] >> 4 == 4
+    iphlen = (packet[0] & 15) * 4 if v4 else 40
+    if v4 and checksum(packet[:iphlen]) != 0:
+        return False
+    src, dst = (packet[12:16], packet[16:20]) if v4 else (packet[8:24], packet[24:40])
+    proto = packet[9] if v4 else packet[6]
+    body = packet[iphlen:]
+    return checksum(pseudo_header(v4, src, dst, proto, len(body)) + body) == 0
+
+
 def ip4(src: str, dst: str, payload: bytes = b"hello", proto: int = 17) -> bytes:
     total = 20 + len(payload)
     hdr = struct.pack(

@@ -151,6 +151,18 @@ def _ip_header(view, length: int, iphlen: int, v4: bool, protocol: int) -> None:
         raise OffloadError("IPv6 super-packet with extension headers or another protocol")
 
 
+def _payload_sums(view, length: int, hdr_len: int, gso: int) -> tuple[int, int, list[int]]:
+    """(full-sized segments, size of a shorter last one or 0, every segment's payload sum) of a
+    super-packet whose headers take `hdr_len` bytes."""
+    full, last = divmod(length - hdr_len, gso)
+    if not full and not last:
+        raise OffloadError("super-packet without payload")
+    sums = segment_sums(view, hdr_len, gso, full) if full else []
+    if last:
+        sums.append(ones_sum(view[hdr_len + full * gso:]))
+    return full, last, sums
+
+
 def _split_tcp(view, length: int, iphlen: int, gso: int, v4: bool) -> list[bytes]:
     _ip_header(view, length, iphlen, v4, IPPROTO_TCP)
     if length < iphlen + 20:
@@ -159,11 +171,8 @@ def _split_tcp(view, length: int, iphlen: int, gso: int, v4: bool) -> list[bytes
     hdr_len = iphlen + tcphlen
     if tcphlen < 20 or hdr_len > length:
         raise OffloadError("TCP header length out of range")
-    payload = length - hdr_len
-    full, last = divmod(payload, gso)
-    count = full + (1 if last else 0)
-    if count == 0:
-        raise OffloadError("TCP super-packet without payload")
+    full, last, sums = _payload_sums(view, length, hdr_len, gso)
+    count = len(sums)
     template = bytearray(view[:hdr_len])
     seq, ack, offset_byte, flags, window = _TCP_FIELDS.unpack_from(template, iphlen + 4)[:5]
     last_i = count - 1
@@ -179,9 +188,6 @@ def _split_tcp(view, length: int, iphlen: int, gso: int, v4: bool) -> list[bytes
         ip_id, fragment, ttl, protocol = _IP4_FIELDS.unpack_from(template, 2)[1:5]
         _IP4_FIELDS.pack_into(template, 2, 0, 0, fragment, ttl, protocol, 0)
         ip_base = ones_sum(template[:iphlen])
-    sums = segment_sums(view, hdr_len, gso, full) if full else []
-    if last:
-        sums.append(ones_sum(view[hdr_len + full * gso:]))
     out = []
     start = hdr_len
     pack_tcp = _TCP_FIELDS.pack_into
@@ -215,18 +221,12 @@ def _split_udp(view, length: int, iphlen: int, gso: int) -> list[bytes]:
     hdr_len = iphlen + 8
     if hdr_len > length:
         raise OffloadError("UDP super-packet shorter than its headers")
-    payload = length - hdr_len
-    full, last = divmod(payload, gso)
-    count = full + (1 if last else 0)
-    if count == 0:
-        raise OffloadError("UDP super-packet without payload")
+    full, last, sums = _payload_sums(view, length, hdr_len, gso)
+    count = len(sums)
     template = bytearray(view[:hdr_len])
     base = _pseudo_sum(template, 4 if v4 else 6, IPPROTO_UDP)
     if v4:
         ip_id = _U16.unpack_from(template, 4)[0]
-    sums = segment_sums(view, hdr_len, gso, full) if full else []
-    if last:
-        sums.append(ones_sum(view[hdr_len + full * gso:]))
     out = []
     start = hdr_len
     pack16 = _U16.pack_into

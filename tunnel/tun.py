@@ -191,9 +191,7 @@ class Tun:
     def write_batch(self, packets: list[bytes]) -> None:
         """Write each packet (with offloads: each run of a TCP flow's segments as one
         super-packet); a full kernel queue drops it, as a NIC would (counted in drops)."""
-        fd = self.fd
         if self.vnet_hdr:
-            writev = os.writev
             if self.tso:
                 items = coalesce(packets)
                 if len(items) < len(packets):
@@ -202,18 +200,13 @@ class Tun:
                     self.gro_write_segments += len(glued) + len(packets) - len(items)
             else:
                 items = [(PLAIN_HEADER, p) for p in packets]
-            for item in items:
-                try:
-                    writev(fd, item)
-                except BlockingIOError:
-                    self.drops.add("tun write queue full")
-                except OSError as exc:
-                    self.drops.add(f"tun write: {errno.errorcode.get(exc.errno, exc.errno)}")
-            return
-        write = os.write
-        for packet in packets:
+            write = os.writev  # vnet header and packet, without joining them
+        else:
+            items, write = packets, os.write
+        fd = self.fd
+        for item in items:
             try:
-                write(fd, packet)
+                write(fd, item)
             except BlockingIOError:
                 self.drops.add("tun write queue full")
             except OSError as exc:

@@ -25,6 +25,7 @@ import pytest
 from tunnel import tun as tunmod
 from tunnel.tun import Tun
 
+from ..helpers import checksum, checksums_valid
 from .netlab import missing_requirements, unique_ifname
 from .test_daemon_interop import A_IN4, B_IN4, B_IN6, PORT_A, PORT_B, diag, endpoint, wg_set
 from .traffic import iperf3, wait_for_ping
@@ -126,24 +127,6 @@ def test_iperf3_offloads_forced_off(netlab, how):
 # ---------------------------------------------------------------------- the Tun itself
 
 
-def _valid(packet: bytes) -> bool:
-    def fold(data: bytes) -> int:
-        if len(data) % 2:
-            data += b"\0"
-        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-        while total >> 16:
-            total = (total & 0xFFFF) + (total >> 16)
-        return total
-    v4 = packet[0] >> 4 == 4
-    hl = (packet[0] & 15) * 4 if v4 else 40
-    proto = packet[9] if v4 else packet[6]
-    src, dst = (packet[12:16], packet[16:20]) if v4 else (packet[8:24], packet[24:40])
-    body = packet[hl:]
-    pseudo = (src + dst + bytes([0, proto]) + struct.pack("!H", len(body)) if v4
-              else src + dst + struct.pack("!I", len(body)) + bytes([0, 0, 0, proto]))
-    return (not v4 or fold(packet[:hl]) == 0xFFFF) and fold(pseudo + body) == 0xFFFF
-
-
 def _read_all(t: Tun, want, tries=50):
     """Read until `want(packets)` holds (the kernel sends router solicitations and the like)."""
     got = []
@@ -198,23 +181,17 @@ def test_tun_reads_from_the_kernel(netlab, monkeypatch, refused):
     syn = [p for p in got if p[0] >> 4 == 4 and p[9] == 6]
     assert [len(p) for p in udp] == [20 + 8 + 1280] * 6, [len(p) for p in got]
     assert b"".join(p[28:] for p in udp) == payload
-    assert syn and all(_valid(p) for p in udp + syn), "a checksum left unfinished"
+    assert syn and all(checksums_valid(p) for p in udp + syn), "a checksum left unfinished"
     if not refused and t.uso:
         assert t.gso_reads >= 1  # the six came as one super-packet
     if refused:
         assert t.gso_reads == 0 and t.offloads == "off"
     # Writing: an ICMP echo request "from" the other end; the kernel's reply comes back.
     icmp = struct.pack("!BBHHH", 8, 0, 0, 77, 1) + b"x" * 40
-    s = 0
-    for i in range(0, len(icmp), 2):
-        s += icmp[i] << 8 | icmp[i + 1]
-    s = (s & 0xFFFF) + (s >> 16)
-    icmp = icmp[:2] + struct.pack("!H", ~s & 0xFFFF) + icmp[4:]
+    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 1, 0, 64, 1, 0,
                      socket.inet_aton("10.204.0.9"), socket.inet_aton("10.204.0.1"))
-    s = sum(struct.unpack("!10H", ip))
-    s = (s & 0xFFFF) + (s >> 16)
-    ip = ip[:10] + struct.pack("!H", ~s & 0xFFFF) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
     t.write_batch([ip + icmp])
     replies = _read_all(t, lambda g: any(p[9] == 1 and p[20] == 0 for p in g if p[0] >> 4 == 4))
     assert any(p[0] >> 4 == 4 and p[9] == 1 and p[20] == 0 for p in replies), replies
