@@ -70,7 +70,7 @@ def gro(request, monkeypatch):
     return request.param
 
 
-def _count_reads(monkeypatch, module) -> list[int]:
+def count_reads(monkeypatch, module) -> list[int]:
     """The number of datagrams each of `module`'s reads brought."""
     counts: list[int] = []
     real = udp.recv_datagrams
@@ -85,7 +85,7 @@ def _count_reads(monkeypatch, module) -> list[int]:
 
 
 async def test_udp2tcp_forwarder_and_server_read_bursts_whole(gro, monkeypatch):
-    counts = _count_reads(monkeypatch, udp2tcp)
+    counts = count_reads(monkeypatch, udp2tcp)
     async with trio.open_nursery() as nursery:
         target, seen = await nursery.start(gso_replier)
         server = await nursery.start(lambda task_status: udp2tcp.serve(
@@ -102,19 +102,25 @@ async def test_udp2tcp_forwarder_and_server_read_bursts_whole(gro, monkeypatch):
         nursery.cancel_scope.cancel()
 
 
+async def ss_round_trip(nursery):
+    """A burst from an app through ss_local and `wgpy bridge serve` (aes-256-gcm) to a target
+    that answers with a burst (checked): what the target saw, the server, the forwarder."""
+    target, seen = await nursery.start(gso_replier)
+    server = ShadowsocksServer(Cipher("aes-256-gcm", "burst-test"), LOOP, 0, AllowList([target]))
+    server.open()
+    nursery.start_soon(server.run)
+    uri = f"ss://aes-256-gcm:burst-test@{LOOP}:{server.udp_sock.getsockname()[1]}"
+    fwd = await nursery.start(lambda task_status: ss_local.run_local_forwarder(
+        (LOOP, 0), uri, target, task_status=task_status))
+    assert await _app_round_trip(fwd.local_address) == REPLY
+    return seen, server, fwd
+
+
 async def test_ss_local_and_serve_read_bursts_whole(gro, monkeypatch):
-    local_reads = _count_reads(monkeypatch, ss_local)
-    serve_reads = _count_reads(monkeypatch, bridge_serve)
+    local_reads = count_reads(monkeypatch, ss_local)
+    serve_reads = count_reads(monkeypatch, bridge_serve)
     async with trio.open_nursery() as nursery:
-        target, seen = await nursery.start(gso_replier)
-        cipher = Cipher("aes-256-gcm", "gro-test")
-        server = ShadowsocksServer(cipher, LOOP, 0, AllowList([target]))
-        server.open()
-        nursery.start_soon(server.run)
-        uri = f"ss://aes-256-gcm:gro-test@{LOOP}:{server.udp_sock.getsockname()[1]}"
-        fwd = await nursery.start(lambda task_status: ss_local.run_local_forwarder(
-            (LOOP, 0), uri, target, task_status=task_status))
-        assert await _app_round_trip(fwd.local_address) == REPLY
+        seen, server, _ = await ss_round_trip(nursery)
         assert seen == BURST
         # ss_local's read of the app's burst; serve's session read of the target's reply.
         assert local_reads == ([len(BURST)] if gro else [1] * len(BURST))

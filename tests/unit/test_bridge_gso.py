@@ -24,7 +24,7 @@ from bridge import carrier, serve as bridge_serve, ss_local, udp2tcp
 from bridge.serve import AllowList, ShadowsocksServer
 from bridge.shadowsocks import Cipher
 
-from .test_bridge_gro import BURST, LOOP, REPLY, _app_round_trip, gso_replier
+from .test_bridge_gro import BURST, LOOP, REPLY, _app_round_trip, gso_replier, ss_round_trip
 
 
 class Counted:
@@ -98,15 +98,7 @@ async def test_shadowsocks_paths_send_bursts_with_gso(mode, monkeypatch):
         bridge_serve: lambda sock, addr: "serve to target" if addr is None else "serve replies",
     })
     async with trio.open_nursery() as nursery:
-        target, seen = await nursery.start(gso_replier)
-        cipher = Cipher("aes-256-gcm", "gso-test")
-        server = ShadowsocksServer(cipher, LOOP, 0, AllowList([target]))
-        server.open()
-        nursery.start_soon(server.run)
-        uri = f"ss://aes-256-gcm:gso-test@{LOOP}:{server.udp_sock.getsockname()[1]}"
-        fwd = await nursery.start(lambda task_status: ss_local.run_local_forwarder(
-            (LOOP, 0), uri, target, task_status=task_status))
-        assert await _app_round_trip(fwd.local_address) == REPLY
+        seen, server, fwd = await ss_round_trip(nursery)
         assert seen == BURST
         _expect(counts, mode, "carrier", BURST)
         _expect(counts, mode, "serve to target", BURST)

@@ -20,6 +20,8 @@ import transport.udp as udp
 from transport.base import UDP, Endpoint
 from transport.udp import UdpTransport, enable_gro, split_gro
 
+from .test_bridge_gro import count_reads
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -62,16 +64,7 @@ class Sender:
 @pytest.fixture
 def reads(monkeypatch):
     """The number of datagrams each GRO read brought (recv_batch looks recv_datagrams up per call)."""
-    counts: list[int] = []
-    real = udp.recv_datagrams
-
-    def counting(sock, bufs, view):
-        datagrams, addr = real(sock, bufs, view)
-        counts.append(len(datagrams))
-        return datagrams, addr
-
-    monkeypatch.setattr(udp, "recv_datagrams", counting)
-    return counts
+    return count_reads(monkeypatch, udp)
 
 
 def _transport(gro: bool = True) -> UdpTransport:
