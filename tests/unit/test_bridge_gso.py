@@ -21,8 +21,6 @@ import trio
 
 import transport.udp as udp
 from bridge import carrier, serve as bridge_serve, ss_local, udp2tcp
-from bridge.serve import AllowList, ShadowsocksServer
-from bridge.shadowsocks import Cipher
 
 from .test_bridge_gro import BURST, LOOP, REPLY, _app_round_trip, gso_replier, ss_round_trip
 
