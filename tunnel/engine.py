@@ -65,7 +65,25 @@ FALLBACK_POLL = 1.0  # seconds between looks at the handshakes of peers with sev
 # 200 us (ad-hoc runs). Waking a sleeping process costs more than this on a virtual machine. It
 # costs a few windows of CPU per such wakeup (about 1% at 20 pings/s); a busy tunnel's batches are
 # full and skip it. WGPY_POLL_US=0 turns it off.
-POLL_WINDOW = max(0.0, float(os.environ.get("WGPY_POLL_US", "200") or 0) / 1e6)
+POLL_WINDOW_DEFAULT_US = 200
+
+
+def _poll_window(text: str | None) -> tuple[float, str]:
+    """WGPY_POLL_US as seconds, and what was wrong with it (then the default applies)."""
+    if text is None or not text.strip():
+        return POLL_WINDOW_DEFAULT_US / 1e6, ""
+    try:
+        us = int(text)
+    except ValueError:
+        us = -1
+    if not 0 <= us <= 100_000:
+        return (POLL_WINDOW_DEFAULT_US / 1e6,
+                f"WGPY_POLL_US={text!r} is not a whole number of microseconds 0..100000; "
+                f"using {POLL_WINDOW_DEFAULT_US}")
+    return us / 1e6, ""
+
+
+POLL_WINDOW, POLL_WINDOW_ERROR = _poll_window(os.environ.get("WGPY_POLL_US"))
 POLL_AFTER = 8  # batches smaller than this are followed by the poll
 POLL_ROUNDS = 5  # the poll gives the thread back to trio after at most this many windows
 
@@ -532,6 +550,8 @@ class Engine:
                 if self.ifindex is not None:
                     nursery.start_soon(self._link_watcher)
                 nursery.start_soon(self._socket_watcher)
+                if POLL_WINDOW_ERROR:
+                    log.warning("%s: %s", self.ifname, POLL_WINDOW_ERROR)
                 log.info("%s: up (TUN offloads: %s)", self.ifname, self.tun.offloads)
                 task_status.started()
         finally:

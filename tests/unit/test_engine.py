@@ -378,3 +378,14 @@ def test_the_brief_poll_is_off_for_memory_transports_and_by_environment(socket_d
     r = subprocess.run([sys.executable, "-c", "import tunnel.engine as e; print(e.POLL_WINDOW)"],
                        env={**os.environ, "WGPY_POLL_US": "0"}, capture_output=True, text=True)
     assert r.stdout.strip() == "0.0", r.stderr
+
+
+@pytest.mark.parametrize("text, seconds, error", [
+    (None, 0.0002, False), ("", 0.0002, False), ("0", 0.0, False), ("1000", 0.001, False),
+    ("fast", 0.0002, True), ("-5", 0.0002, True), ("2.5", 0.0002, True), ("999999", 0.0002, True),
+])
+def test_a_bad_poll_window_setting_is_named_and_the_default_used(text, seconds, error):
+    value, message = engine_module._poll_window(text)
+    assert value == seconds and bool(message) == error
+    if error:
+        assert repr(text) in message and "WGPY_POLL_US" in message
