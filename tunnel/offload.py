@@ -45,7 +45,6 @@ MAX_COALESCED_BYTES = 65535
 MAX_COALESCED_SEGMENTS = 64
 
 _U16 = struct.Struct("!H")
-_U32 = struct.Struct("!I")
 _U16_PAIR = struct.Struct("!HH")
 # From byte 2 of an IPv4 header: total length, id, flags+fragment offset, TTL, protocol, checksum.
 _IP4_FIELDS = struct.Struct("!HHHBBH")
