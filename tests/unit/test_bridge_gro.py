@@ -84,16 +84,23 @@ def count_reads(monkeypatch, module) -> list[int]:
     return counts
 
 
+async def udp2tcp_chain(nursery):
+    """An udp2tcp forwarder, connected to an udp2tcp server in front of a target that answers
+    bursts with bursts: what the target sees, the server, the forwarder."""
+    target, seen = await nursery.start(gso_replier)
+    server = await nursery.start(lambda task_status: udp2tcp.serve(
+        (LOOP, 0), [target], task_status=task_status))
+    fwd = await nursery.start(lambda task_status: udp2tcp.run_local_forwarder(
+        (LOOP, 0), server.local_address, task_status=task_status))
+    with trio.fail_after(5):
+        await fwd.client.wait_connected()
+    return seen, server, fwd
+
+
 async def test_udp2tcp_forwarder_and_server_read_bursts_whole(gro, monkeypatch):
     counts = count_reads(monkeypatch, udp2tcp)
     async with trio.open_nursery() as nursery:
-        target, seen = await nursery.start(gso_replier)
-        server = await nursery.start(lambda task_status: udp2tcp.serve(
-            (LOOP, 0), [target], task_status=task_status))
-        fwd = await nursery.start(lambda task_status: udp2tcp.run_local_forwarder(
-            (LOOP, 0), server.local_address, task_status=task_status))
-        with trio.fail_after(5):
-            await fwd.client.wait_connected()
+        seen, server, fwd = await udp2tcp_chain(nursery)
         assert await _app_round_trip(fwd.local_address) == REPLY
         assert seen == BURST
         # The forwarder's read of the app's burst, the server's of the target's.

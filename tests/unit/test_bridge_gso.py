@@ -22,7 +22,7 @@ import trio
 import transport.udp as udp
 from bridge import carrier, serve as bridge_serve, ss_local, udp2tcp
 
-from .test_bridge_gro import BURST, LOOP, REPLY, _app_round_trip, gso_replier, ss_round_trip
+from .test_bridge_gro import BURST, LOOP, REPLY, _app_round_trip, ss_round_trip, udp2tcp_chain
 
 
 class Counted:
@@ -117,14 +117,8 @@ async def test_udp2tcp_paths_send_bursts_with_gso(mode, monkeypatch):
     counts = _count_sends(monkeypatch, mode, {udp2tcp: lambda sock, addr: (
         "forwarder to app" if sock is forwarders[0]._sock else "server to target")})
     async with trio.open_nursery() as nursery:
-        target, seen = await nursery.start(gso_replier)
-        server = await nursery.start(lambda task_status: udp2tcp.serve(
-            (LOOP, 0), [target], task_status=task_status))
-        fwd = await nursery.start(lambda task_status: udp2tcp.run_local_forwarder(
-            (LOOP, 0), server.local_address, task_status=task_status))
+        seen, server, fwd = await udp2tcp_chain(nursery)
         forwarders.append(fwd)
-        with trio.fail_after(5):
-            await fwd.client.wait_connected()
         assert await _app_round_trip(fwd.local_address) == REPLY
         assert seen == BURST
         _expect(counts, mode, "server to target", BURST)
