@@ -69,7 +69,7 @@ from typing import Sequence
 import trio
 
 from transport.address import format_address
-from transport.udp import GsoState, enable_gro, recv_datagrams, send_datagrams
+from transport.udp import GsoState, enable_gro, recv_datagrams, send_or_drop
 
 from . import udp2tcp
 from .netio import errname, leaf_exception, send_all
@@ -377,17 +377,10 @@ class ShadowsocksServer:
         """Send a session's payloads to its target. A session evicted meanwhile still has its
         socket (its task closes it, and has not run since): they go out as they would have
         before the eviction."""
-        stats = self.stats
-        n = len(payloads)
-        i = 0
-        while i < n:
-            stop, exc, m = send_datagrams(session.sock, payloads, None, self._gso, i)
-            stats.udp_in += stop - i
-            if exc is None:
-                break
-            # EAGAIN, ECONNREFUSED (target not up), EMSGSIZE: count, go on
-            stats.drop(f"send {errname(exc)}", n=m)
-            i = stop + m
+        sent, failed = send_or_drop(session.sock, payloads, None, self._gso)
+        self.stats.udp_in += sent
+        for exc, m in failed:  # EAGAIN, ECONNREFUSED (target not up), EMSGSIZE: count, go on
+            self.stats.drop(f"send {errname(exc)}", n=m)
 
     def _udp_packet(self, packet: bytes, client: tuple,
                     nursery: trio.Nursery) -> tuple[_UdpSession, bytes] | None:
@@ -516,15 +509,10 @@ class ShadowsocksServer:
                 count += len(payloads)
                 if count >= BATCH:
                     break
-            n = len(replies)
-            i = 0
-            while i < n:
-                stop, exc, m = send_datagrams(listen, replies, session.client, self._gso, i)
-                self.stats.udp_out += stop - i
-                if exc is None:
-                    break
+            sent, failed = send_or_drop(listen, replies, session.client, self._gso)
+            self.stats.udp_out += sent
+            for exc, m in failed:
                 self.stats.drop(f"reply send {errname(exc)}", n=m)
-                i = stop + m
 
     # ---- TCP
 

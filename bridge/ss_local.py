@@ -44,7 +44,7 @@ import trio
 
 from transport.address import AddressError, format_address, split_host_port
 from transport.base import Drops, Endpoint
-from transport.udp import GsoState, enable_gro, recv_datagrams, send_datagrams
+from transport.udp import GsoState, enable_gro, recv_datagrams, send_or_drop
 
 from .carrier import ShadowsocksTransport
 from .netio import errname, exit_code, resolve
@@ -203,19 +203,13 @@ class SsLocalForwarder:
                 continue
             # The replies in one sendmsg a run of equal sizes (UDP GSO): the local WireGuard reads
             # a burst with GRO, or the kernel cuts it into the same datagrams again.
-            payloads = [payload for payload, _ in batch]
-            n = len(payloads)
-            i = 0
-            while i < n:
-                stop, exc, m = send_datagrams(local, payloads, None, gso, i)
-                self._received += stop - i
-                if exc is None:
-                    break
+            sent, failed = send_or_drop(local, [payload for payload, _ in batch], None, gso)
+            self._received += sent
+            for exc, m in failed:
                 if isinstance(exc, BlockingIOError):
                     drops.add("local socket full", m)
                 else:
                     drops.add(f"local send: {errname(exc)}", m)
-                i = stop + m
 
 
 async def run_local_forwarder(listen: Address, server_uri: str, target: Address, *,

@@ -78,7 +78,7 @@ import trio
 
 from transport.address import AddressError, format_address, split_host_port
 from transport.base import Drops
-from transport.udp import GsoState, enable_gro, recv_datagrams, send_datagrams
+from transport.udp import GsoState, enable_gro, recv_datagrams, send_datagrams, send_or_drop
 
 from .netio import errname, exit_code, resolve, send_all
 
@@ -642,17 +642,11 @@ class LocalForwarder:
             return
         # A TCP read's datagrams in one sendmsg a run of equal sizes (UDP GSO): the local
         # WireGuard reads a burst with GRO, or the kernel cuts it into the same datagrams again.
-        n = len(datagrams)
-        i = 0
-        while i < n:
-            stop, exc, m = send_datagrams(sock, datagrams, None, self._gso, i)
-            if exc is None:
-                break
+        for exc, m in send_or_drop(sock, datagrams, None, self._gso)[1]:
             if isinstance(exc, BlockingIOError):
                 self._drops.add("local socket full", m)
             else:
                 self._drops.add(f"udp send: {errname(exc)}", m)
-            i = stop + m
 
 
 async def run_local_forwarder(listen: Address, server: Address, *,

@@ -124,6 +124,24 @@ class GsoState:
                  errno.errorcode.get(exc.errno, exc.errno))
 
 
+def send_or_drop(sock, payloads: list, addr: tuple | None,
+                 gso: GsoState | None) -> tuple[int, list[tuple[OSError, int]]]:
+    """Send every payload as send_datagrams does; what a failed send carried is skipped, not
+    retried (a full buffer included): (how many were sent, [(error, how many it lost), ...])
+    for the caller to count, for the paths whose rule is to drop rather than wait."""
+    sent, failed = 0, []
+    n = len(payloads)
+    i = 0
+    while i < n:
+        stop, exc, m = send_datagrams(sock, payloads, addr, gso, i)
+        sent += stop - i
+        if exc is None:
+            break
+        failed.append((exc, m))
+        i = stop + m
+    return sent, failed
+
+
 def send_datagrams(sock, payloads: list, addr: tuple | None, gso: GsoState | None,
                    start: int = 0) -> tuple[int, OSError | None, int]:
     """Send `payloads[start:]` in order as datagrams through `sock`, to `addr` (None: the socket

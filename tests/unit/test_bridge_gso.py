@@ -64,20 +64,25 @@ def mode(request, monkeypatch):
 
 def _count_sends(monkeypatch, mode: str, paths: dict) -> Counter:
     """Counts each bridge send path's calls: `paths` maps a module to a function naming the
-    path of a send_datagrams call from its (sock, addr), asked at a socket's first send."""
+    path of a send_datagrams or send_or_drop call from its (sock, addr), asked at a socket's
+    first send."""
     counts: Counter = Counter()
     proxies: dict = {}  # one per socket: a refusal is remembered per socket object
-    real = udp.send_datagrams
+    real = {"send_datagrams": udp.send_datagrams, "send_or_drop": udp.send_or_drop}
 
     for module, name_of in paths.items():
-        def counting(sock, payloads, addr, gso, start=0, name_of=name_of):
-            proxy = proxies.get(sock)
-            if proxy is None:
-                proxy = proxies[sock] = Counted(sock, counts, name_of(sock, addr),
-                                                mode == "refused")
-            return real(proxy, payloads, addr, gso, start)
+        for fn_name, fn in real.items():
+            if not hasattr(module, fn_name):
+                continue
 
-        monkeypatch.setattr(module, "send_datagrams", counting)
+            def counting(sock, payloads, addr, gso, *rest, fn=fn, name_of=name_of):
+                proxy = proxies.get(sock)
+                if proxy is None:
+                    proxy = proxies[sock] = Counted(sock, counts, name_of(sock, addr),
+                                                    mode == "refused")
+                return fn(proxy, payloads, addr, gso, *rest)
+
+            monkeypatch.setattr(module, fn_name, counting)
     return counts
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import transport.udp as udp
 from transport.base import UDP, Drops, Endpoint
-from transport.udp import GsoState, UdpTransport, send_datagrams
+from transport.udp import GsoState, UdpTransport, send_datagrams, send_or_drop
 
 
 @pytest.fixture
@@ -251,3 +251,15 @@ def test_send_datagrams_reports_the_failed_send_and_stops_there(exc):
     # A plain send that fails covers one datagram.
     sock = Failing(2, exc)
     assert send_datagrams(sock, payloads, None, GsoState(False)) == (1, exc, 1)
+
+
+@pytest.mark.parametrize("exc", [BlockingIOError(errno.EAGAIN, "full"),
+                                 OSError(errno.EMSGSIZE, "too long")], ids=["eagain", "emsgsize"])
+def test_send_or_drop_skips_what_a_failed_send_carried_and_sends_the_rest(exc):
+    payloads = [b"a" * 100] * 3 + [b"b" * 200] * 4 + [b"c" * 300]
+    sock = Failing(2, exc)  # the run of four fails
+    assert send_or_drop(sock, payloads, None, GsoState(True)) == (4, [(exc, 4)])
+    assert sock.sent == payloads[:3] + payloads[7:]
+    sock = Failing(0, exc)  # nothing fails
+    assert send_or_drop(sock, payloads, None, GsoState(True)) == (len(payloads), [])
+    assert sock.sent == payloads
