@@ -5,9 +5,9 @@ from __future__ import annotations
 import ipaddress
 import random
 
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
-from tunnel.noise.allowedips import AllowedIPs
+from tunnel.noise.allowedips import ROUTES_REMEMBERED, AllowedIPs
 
 
 def a(s: str) -> bytes:
@@ -69,3 +69,54 @@ def test_matches_brute_force(prefixes, probes):
         ip = ipaddress.IPv4Address(probe)
         best = max((n for n in nets if ip in n), key=lambda n: n.prefixlen, default=None)
         assert t.lookup(ip.packed) == (nets[best] if best is not None else None)
+
+
+# Few addresses and prefixes, so that changes hit what earlier lookups remembered.
+_OPS = st.lists(st.one_of(
+    st.tuples(st.just("insert"), st.integers(0, 3), st.sampled_from([0, 24, 31, 32]), st.integers(0, 3)),
+    st.tuples(st.just("remove"), st.integers(0, 3), st.sampled_from([0, 24, 31, 32])),
+    st.tuples(st.just("remove_value"), st.integers(0, 3)),
+    st.tuples(st.just("lookup"), st.integers(0, 3)),
+), max_size=40)
+
+
+@given(_OPS)
+@example([("insert", 1, 24, 1), ("lookup", 1), ("remove", 1, 24), ("lookup", 1)])
+@example([("insert", 1, 24, 1), ("lookup", 1), ("remove_value", 1), ("lookup", 1)])
+def test_remembered_lookups_follow_every_change(ops):
+    """Lookups are remembered (AllowedIPs.routes) between changes: after any sequence of
+    inserts, removals and lookups, every lookup answers what the table holds then."""
+    t: AllowedIPs[int] = AllowedIPs()
+    nets: dict[ipaddress.IPv4Network, int] = {}
+
+    def expected(ip: ipaddress.IPv4Address) -> int | None:
+        best = max((n for n in nets if ip in n), key=lambda n: n.prefixlen, default=None)
+        return nets[best] if best is not None else None
+
+    for op in ops:
+        if op[0] == "insert":
+            n = ipaddress.ip_network((f"10.0.0.{op[1]}", op[2]), strict=False)
+            t.insert(n, op[3])
+            nets[n] = op[3]
+        elif op[0] == "remove":
+            n = ipaddress.ip_network((f"10.0.0.{op[1]}", op[2]), strict=False)
+            t.remove(n)
+            nets.pop(n, None)
+        elif op[0] == "remove_value":
+            t.remove_value(op[1])
+            nets = {n: v for n, v in nets.items() if v != op[1]}
+        else:
+            ip = ipaddress.IPv4Address(f"10.0.0.{op[1]}")
+            # What a hot path reads first (False: not remembered, call lookup()):
+            remembered = t.routes.get(ip.packed, False)
+            assert remembered is False or remembered == expected(ip)
+            assert t.lookup(ip.packed) == expected(ip)
+            assert t.routes[ip.packed] == expected(ip)
+
+
+def test_remembered_lookups_are_bounded():
+    t: AllowedIPs[str] = AllowedIPs()
+    t.insert(ipaddress.ip_network("0.0.0.0/0"), "default")
+    for i in range(3 * ROUTES_REMEMBERED):
+        assert t.lookup(i.to_bytes(4, "big")) == "default"
+        assert len(t.routes) <= ROUTES_REMEMBERED

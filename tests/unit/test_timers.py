@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hypothesis import given, strategies as st
+
 from tunnel.noise.constants import KEEPALIVE_TIMEOUT, MAX_TIMER_HANDSHAKES, REKEY_TIMEOUT, ZERO_KEYS_AFTER
 from tunnel.noise.timers import Action, PeerTimers
 
@@ -155,3 +157,40 @@ def test_stop_disarms_everything():
     t.handshake_initiated(0.0)
     t.stop()
     assert t.next_deadline() is None
+
+
+# A timer state reached by a random history of events, then one combined event against the
+# events it stands for: the same state, the same changes reported.
+_EVENTS = st.sampled_from(["data_sent", "data_received", "any_authenticated_packet_sent",
+                           "any_authenticated_packet_received", "any_authenticated_packet_traversal",
+                           "handshake_initiated", "handshake_complete", "session_derived"])
+
+
+@given(history=st.lists(st.tuples(_EVENTS, st.floats(0, 100)), max_size=8),
+       keepalive=st.sampled_from([0, 25]), data=st.booleans(), now=st.floats(0, 200),
+       combined=st.sampled_from(["transport_sent", "transport_received"]))
+def test_combined_transport_events_equal_the_events_they_stand_for(history, keepalive, data, now, combined):
+    pair = []
+    for _ in range(2):
+        t = timers()
+        t.set_persistent_keepalive(keepalive)
+        for name, at in history:
+            getattr(t, name)(at)
+        changes = []
+        t.on_change = lambda t=t, changes=changes: changes.append(t.next_deadline())
+        pair.append((t, changes))
+    (one, one_changes), (many, many_changes) = pair
+    getattr(one, combined)(now, data)
+    many.any_authenticated_packet_traversal(now)
+    if combined == "transport_sent":
+        many.any_authenticated_packet_sent(now)
+        if data:
+            many.data_sent(now)
+    else:
+        many.any_authenticated_packet_received(now)
+        if data:
+            many.data_received(now)
+    assert one.state() == many.state()
+    # Every deadline that moved was reported (removals need no report: Device.next_deadline
+    # drops what no longer holds), so the schedule ends at the same place.
+    assert one_changes[-1:] == many_changes[-1:] or (not one_changes and not many_changes)

@@ -4,6 +4,10 @@ One dict per prefix length, keyed by the masked address as an int; a lookup prob
 use from longest to shortest. Tables hold few distinct lengths in practice, so a lookup is a handful
 of dict probes, cheaper in Python than walking a bit trie. Inserting a prefix that another peer
 holds moves it, as in WireGuard.
+
+Lookups are remembered per address (`routes`) until the table changes: a tunnel's packets go to
+and come from a few addresses, so the hot paths pay one dict probe a packet whatever the number
+of prefixes, peers or destinations in a batch.
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ import ipaddress
 from typing import Generic, Iterator, TypeVar
 
 T = TypeVar("T")
+
+# Addresses remembered at most; past it the memo starts afresh (a flood of distinct addresses
+# costs lookups, never memory).
+ROUTES_REMEMBERED = 4096
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -57,14 +65,19 @@ class AllowedIPs(Generic[T]):
     def __init__(self) -> None:
         self._v4: _Family[T] = _Family(32)
         self._v6: _Family[T] = _Family(128)
+        # Packed address -> what lookup() gave for it, emptied by every change. Hot paths read
+        # it directly (`routes.get(addr, False)`) and call lookup() on a miss, which fills it.
+        self.routes: dict[bytes, T | None] = {}
 
     def insert(self, network: Network, value: T) -> None:
         fam = self._v4 if network.version == 4 else self._v6
         fam.insert(int(network.network_address), network.prefixlen, value)
+        self.routes.clear()
 
     def remove(self, network: Network) -> None:
         fam = self._v4 if network.version == 4 else self._v6
         fam.remove(int(network.network_address), network.prefixlen)
+        self.routes.clear()
 
     def remove_value(self, value: T) -> None:
         """Drop every prefix routed to `value` (a removed peer)."""
@@ -75,6 +88,7 @@ class AllowedIPs(Generic[T]):
                 if not table:
                     del fam.tables[plen]
             fam.lengths = sorted(fam.tables, reverse=True)
+        self.routes.clear()
 
     def prefixes_of(self, value: T) -> Iterator[Network]:
         for fam, cls in ((self._v4, ipaddress.IPv4Network), (self._v6, ipaddress.IPv6Network)):
@@ -100,9 +114,15 @@ class AllowedIPs(Generic[T]):
         return None
 
     def lookup(self, addr: bytes) -> T | None:
-        """Longest-prefix match of a packed 4- or 16-byte address."""
+        """Longest-prefix match of a packed 4- or 16-byte address (remembered in `routes`)."""
         if len(addr) == 4:
-            return self._v4.lookup(int.from_bytes(addr, "big"))
-        if len(addr) == 16:
-            return self._v6.lookup(int.from_bytes(addr, "big"))
-        return None
+            value = self._v4.lookup(int.from_bytes(addr, "big"))
+        elif len(addr) == 16:
+            value = self._v6.lookup(int.from_bytes(addr, "big"))
+        else:
+            return None
+        routes = self.routes
+        if len(routes) >= ROUTES_REMEMBERED:
+            routes.clear()
+        routes[bytes(addr)] = value
+        return value

@@ -73,6 +73,7 @@ _NONCE = crypto._NONCE  # "<4xQ": the transport nonce
 _IPV4_HEADER = struct.Struct("!BxH8x4s")  # version/IHL, total length, source address
 # A receiver index that names no keypair, in Device.inbound's per-batch key cache.
 _NO_KEYPAIR = (None, None, 0, None)
+_ZEROS = tuple(bytes(n) for n in range(16))  # every padding there is (less than 16 bytes)
 
 
 class _Run:
@@ -193,7 +194,7 @@ class Device:
         staged_queue_size: int = STAGED_QUEUE_SIZE,
     ) -> None:
         self.wall_offset = wall_offset
-        self.mtu = mtu
+        self.mtu = mtu  # (also empties the padding cache)
         self._rng = rng
         self.handshake_load_threshold = handshake_load_threshold
         self.handshakes_per_batch = handshakes_per_batch
@@ -229,6 +230,18 @@ class Device:
             self.set_private_key(private_key)
 
     # ------------------------------------------------------------------ configuration
+
+    @property
+    def mtu(self) -> int:
+        """The TUN's MTU: sealed packets are padded up to a multiple of 16 but never past it."""
+        return self._mtu
+
+    @mtu.setter
+    def mtu(self, mtu: int) -> None:
+        self._mtu = mtu
+        # Plaintext length -> its zero padding under this MTU, worked out once per length (a
+        # tunnel's packets come in few lengths); at most one entry per length up to 64 KiB.
+        self._pads: dict[int, bytes] = {}
 
     @property
     def public_key(self) -> bytes | None:
@@ -470,23 +483,20 @@ class Device:
         if endpoint is None:
             self.drops[Drop.NO_ENDPOINT] += len(packets)
             return
-        mtu = self.mtu
         seal = kp.send.encrypt
         nonce = _NONCE.pack
         header = TRANSPORT_HEADER.pack
         ridx = kp.remote_index
         first = kp.send_counter
         counter = first + len(packets)
-        # The zero padding each packet length takes, worked out once per length in the batch
-        # (a batch has few distinct lengths; the MTU may change between calls).
-        pads: dict[int, bytes] = {}
+        pads = self._pads
         msgs: list[bytes] = []
         append = msgs.append
         for ctr, pkt in zip(range(first, counter), packets):
             pad = pads.get(len(pkt))
             if pad is None:
                 n = len(pkt)
-                pad = pads[n] = bytes(_padded_length(n, mtu) - n)
+                pad = pads[n] = _ZEROS[_padded_length(n, self._mtu) - n]
             if pad:
                 pkt += pad
             append(header(MSG_TRANSPORT, ridx, ctr) + seal(nonce(ctr), pkt, None))
@@ -494,11 +504,7 @@ class Device:
         out.extend(zip(msgs, itertools.repeat(endpoint)))
         kp.send_counter = counter
         peer.tx_bytes += sum(map(len, msgs))
-        timers = peer.timers
-        timers.any_authenticated_packet_traversal(now)
-        timers.any_authenticated_packet_sent(now)
-        if any(packets):  # data, not only keepalives (b"")
-            timers.data_sent(now)
+        peer.timers.transport_sent(now, any(packets))  # data, not only keepalives (b"")
         # keep key fresh (sending side)
         if counter > REKEY_AFTER_MESSAGES or (kp.is_initiator and now - kp.created > REKEY_AFTER_TIME):
             self._send_initiation(peer, now, out, is_retry=False)
@@ -529,15 +535,16 @@ class Device:
         self._send_staged(peer, now, out)
 
     def outbound(self, packets: Iterable[bytes], now: float) -> list[Datagram]:
-        """IP packets read from the TUN -> datagrams to send. Routing is done per destination
-        address once per batch; each peer's packets are sealed together under one keypair."""
+        """IP packets read from the TUN -> datagrams to send. Routing is a probe of the
+        remembered lookups (AllowedIPs.routes); each peer's packets are sealed together under
+        one keypair."""
         out: list[Datagram] = []
         if self.identity is None:
             n = len(packets) if isinstance(packets, list) else sum(1 for _ in packets)
             self.drops[Drop.NO_KEY] += n
             return out
         by_peer: dict[Peer, list[bytes]] = {}
-        routes: dict[bytes, Peer | None] = {}
+        routes = self.allowed_ips.routes
         lookup = self.allowed_ips.lookup
         for pkt in packets:
             if len(pkt) >= 20 and pkt[0] >> 4 == 4:
@@ -549,7 +556,7 @@ class Device:
                 continue
             peer = routes.get(dst, False)
             if peer is False:
-                peer = routes[dst] = lookup(dst)
+                peer = lookup(dst)
             if peer is None:
                 self.drops[Drop.NO_ROUTE] += 1
                 continue
@@ -626,7 +633,7 @@ class Device:
         unpack_header = TRANSPORT_HEADER.unpack_from
         unpack_v4 = _IPV4_HEADER.unpack_from
         reject_after = REJECT_AFTER_MESSAGES
-        routes: dict[bytes, Peer | None] = {}
+        routes = self.allowed_ips.routes
         to_tun = result.to_tun
         append = to_tun.append
         for data, src in datagrams:
@@ -750,7 +757,7 @@ class Device:
                 continue
             allowed = routes.get(src_addr, False)
             if allowed is False:
-                allowed = routes[src_addr] = self.allowed_ips.lookup(src_addr)
+                allowed = self.allowed_ips.lookup(src_addr)
             if allowed is not peer and src_addr not in peer.carries:
                 drops[Drop.SOURCE_NOT_ALLOWED] += 1
                 continue
@@ -761,17 +768,13 @@ class Device:
         if sources:
             self._apply_sources(sources)
         for peer, got_data in touched.items():
-            timers = peer.timers
-            timers.any_authenticated_packet_traversal(now)
-            timers.any_authenticated_packet_received(now)
-            if got_data:
-                timers.data_received(now)
+            peer.timers.transport_received(now, got_data)
             kp = peer.keypairs.current
             if (
                 kp is not None
                 and kp.is_initiator
                 and now - kp.created > REKEY_ON_RECEIVE_AGE
-                and timers.last_minute_handshake(now)
+                and peer.timers.last_minute_handshake(now)
             ):
                 self._send_initiation(peer, now, result.to_net, is_retry=False)
         return result

@@ -34,7 +34,10 @@ class Action(enum.Enum):
     ZERO_KEYS = "zero the keypairs and the handshake, flush the staged packets"
 
 
-class Timer(enum.Enum):
+class Timer:
+    """The timers' names, the keys of a peer's deadlines. Plain strings, not an Enum: the
+    per-batch events probe the deadlines, and a str hashes in C (an Enum member in Python)."""
+
     RETRANSMIT_HANDSHAKE = "retransmit_handshake"
     SEND_KEEPALIVE = "send_keepalive"
     NEW_HANDSHAKE = "new_handshake"
@@ -46,7 +49,9 @@ def _nothing() -> None:
     pass
 
 
-_ORDER = tuple(Timer)  # the order expired timers are acted on in one `due`
+# The order expired timers are acted on in one `due`.
+_ORDER = (Timer.RETRANSMIT_HANDSHAKE, Timer.SEND_KEEPALIVE, Timer.NEW_HANDSHAKE, Timer.ZERO_KEY_MATERIAL,
+          Timer.PERSISTENT_KEEPALIVE)
 _NEVER = float("inf")
 
 
@@ -62,7 +67,7 @@ class PeerTimers:
     )
 
     def __init__(self, jitter: Callable[[], float]) -> None:
-        self._deadlines: dict[Timer, float] = {}
+        self._deadlines: dict[str, float] = {}
         self._handshake_attempts = 0
         self._need_another_keepalive = False
         self._sent_last_minute_handshake = False
@@ -123,7 +128,7 @@ class PeerTimers:
         """Everything that decides what the timers do next, as a hashable value (for tests
         that prove an event changed nothing, and for debugging)."""
         return (
-            tuple(sorted((t.value, d) for t, d in self._deadlines.items())),
+            tuple(sorted(self._deadlines.items())),
             self._handshake_attempts,
             self._need_another_keepalive,
             self._sent_last_minute_handshake,
@@ -171,6 +176,35 @@ class PeerTimers:
         if self._persistent_keepalive > 0:
             self._deadlines[Timer.PERSISTENT_KEEPALIVE] = now + self._persistent_keepalive
             self.on_change()
+
+    # The events of a batch's packets to or from one peer, in one call each (the hot paths
+    # report them once per peer per batch): exactly the events named, in that order.
+    def transport_sent(self, now: float, data: bool) -> None:
+        """any_authenticated_packet_traversal, any_authenticated_packet_sent, and data_sent if
+        `data` (not only keepalives) went out."""
+        deadlines = self._deadlines
+        if self._persistent_keepalive > 0:
+            deadlines[Timer.PERSISTENT_KEEPALIVE] = now + self._persistent_keepalive
+            self.on_change()
+        deadlines.pop(Timer.SEND_KEEPALIVE, None)
+        if data and Timer.NEW_HANDSHAKE not in deadlines:
+            deadlines[Timer.NEW_HANDSHAKE] = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+            self.on_change()
+
+    def transport_received(self, now: float, data: bool) -> None:
+        """any_authenticated_packet_traversal, any_authenticated_packet_received, and
+        data_received if `data` (not only keepalives) came in."""
+        deadlines = self._deadlines
+        if self._persistent_keepalive > 0:
+            deadlines[Timer.PERSISTENT_KEEPALIVE] = now + self._persistent_keepalive
+            self.on_change()
+        deadlines.pop(Timer.NEW_HANDSHAKE, None)
+        if data:
+            if Timer.SEND_KEEPALIVE not in deadlines:
+                deadlines[Timer.SEND_KEEPALIVE] = now + KEEPALIVE_TIMEOUT
+                self.on_change()
+            else:
+                self._need_another_keepalive = True
 
     def handshake_requested(self, now: float) -> None:
         """A new handshake is wanted (not a retry): the retries count from zero again
