@@ -123,13 +123,25 @@ def _norm_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 class AllowList:
+    # Targets whose verdict is remembered at most (a client sends to the same target packet after
+    # packet, and parsing its address costs a tenth of the packet's CPU); past it, afresh.
+    REMEMBERED = 1024
+
     def __init__(self, entries: Sequence[tuple[str, int]]) -> None:
         self.entries = [(str(h), int(p)) for h, p in entries]
         self._set = {(_norm_ip(h), p) for h, p in self.entries}
+        self._verdicts: dict[tuple, bool] = {}
 
     def allows(self, target: tuple) -> bool:
-        ip = _norm_ip(str(target[0]))
-        return ip is not None and (ip, target[1]) in self._set
+        key = (target[0], target[1])
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            ip = _norm_ip(str(target[0]))
+            verdict = ip is not None and (ip, target[1]) in self._set
+            if len(self._verdicts) >= self.REMEMBERED:
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
+        return verdict
 
     def __str__(self) -> str:
         return ", ".join(format_address(e) for e in self.entries)
