@@ -134,7 +134,7 @@ def draw(results: Results, out: Path) -> list[str]:
                 log_x=True)
         written.append("scale-curve.png")
 
-    latency_rows = [r for r in rows if r.scenario == "latency"]
+    latency_rows = [r for r in rows if r.scenario == "latency" and "RTT" in r.metric]
     if latency_rows:
         _bars(plt, latency_rows, "Ping RTT through the tunnel (ms, lower is better)", out / "latency-rtt.png")
         written.append("latency-rtt.png")

@@ -3,7 +3,8 @@ iperf3 fills it (a TCP stream from a to b), for each pair. Root, ping and iperf3
 
 Pings go every 50 ms (ping's minimum interval for root is 2 ms, but a busy 2-core machine makes
 short intervals measure the scheduler). The figure is ping's average RTT; the loaded one starts
-half a second into the transfer so TCP has reached its window.
+half a second into the transfer so TCP has reached its window. Next to the idle RTT: the CPU time
+both tunnel processes spent per idle ping (what a faster round trip costs: wgpy's busy poll).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import subprocess
 import time
 
-from .tunnel import _run, pair_lab
+from .tunnel import _run, cpu_seconds_fine, pair_lab
 
 _RTT = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms")
 
@@ -28,10 +29,13 @@ def ping_rtt(lab, side: int, addr: str, count: int) -> float:
     return float(m.group(2))
 
 
-def measure(left: str, right: str, seconds: int, count: int) -> tuple[float, float]:
-    """(idle RTT ms, RTT ms under an iperf3 a->b transfer)."""
+def measure(left: str, right: str, seconds: int, count: int) -> tuple[float, float, float | None]:
+    """(idle RTT ms, RTT ms under an iperf3 a->b transfer, CPU ms both tunnel processes spent per
+    idle ping: what the RTT costs, e.g. wgpy's busy poll; None without tunnel processes)."""
     with pair_lab(left, right) as (lab, addr):
+        cpu = cpu_seconds_fine(lab.tunnel_pids)
         idle = ping_rtt(lab, 0, addr, count)
+        cpu_ms = (cpu_seconds_fine(lab.tunnel_pids) - cpu) * 1000 / count if lab.tunnel_pids else None
         lab.iperf_server(1, addr)
         load_seconds = max(seconds, int(count * 0.05) + 2)
         client = subprocess.Popen(lab.exec(0, "iperf3", "-c", addr, "-t", str(load_seconds)),
@@ -42,4 +46,4 @@ def measure(left: str, right: str, seconds: int, count: int) -> tuple[float, flo
             loaded = ping_rtt(lab, 0, addr, count)
         finally:
             client.terminate()
-        return idle, loaded
+        return idle, loaded, cpu_ms

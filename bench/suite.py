@@ -85,6 +85,9 @@ def _figure_samples(scenario: str, subject: str, reference: str, figures, round_
     rss = [f.rss_mb for f in figures if f.rss_mb is not None]
     if rss:
         out.append(Sample(scenario, subject, "peak RSS MB", max(rss), round_, reference, False))
+    anon = [f.anon_mb for f in figures if f.anon_mb is not None]
+    if anon:
+        out.append(Sample(scenario, subject, "anon RSS MB", max(anon), round_, reference, False))
     return out
 
 
@@ -138,7 +141,8 @@ def _plan_tunnel(opts: Options, results: Results) -> list[Step]:
         variant = tunnel.add_variant(features)
         steps.append(_pair_step("tunnel", variant, variant, ref, opts))
     results.note("tunnel", "iperf3 TCP, one stream, two namespaces over veth, MTU 1420; reference: "
-                           f"{WG_GO_PAIR}; CPU s/GB: both daemons' CPU time per GB moved; RSS: the larger daemon's peak")
+                           f"{WG_GO_PAIR}; CPU s/GB: both daemons' CPU time per GB moved; RSS: the larger daemon's peak; "
+                           "anon RSS: the larger daemon's own memory at the end, without the shared libraries' pages")
     return steps
 
 
@@ -243,12 +247,16 @@ def _plan_latency(opts: Options, results: Results) -> list[Step]:
         subject = tunnel.pair_label(left, right)
 
         def run(r: int) -> list[Sample]:
-            idle, loaded = latency.measure(left, right, opts.seconds, opts.pings)
-            return [Sample("latency", subject, "idle RTT ms", idle, r, ref, False),
-                    Sample("latency", subject, "loaded RTT ms", loaded, r, ref, False)]
+            idle, loaded, cpu_ms = latency.measure(left, right, opts.seconds, opts.pings)
+            samples = [Sample("latency", subject, "idle RTT ms", idle, r, ref, False),
+                       Sample("latency", subject, "loaded RTT ms", loaded, r, ref, False)]
+            if cpu_ms is not None:
+                samples.append(Sample("latency", subject, "idle CPU ms per ping", cpu_ms, r, ref, False))
+            return samples
         return Step(f"ping {subject}", opts.pings * 0.1 + 6, run)
     results.note("latency", f"ping every 50 ms ({opts.pings} per figure), average RTT; loaded: during an iperf3 "
-                            "TCP transfer a->b through the same tunnel")
+                            "TCP transfer a->b through the same tunnel; idle CPU: both tunnel processes' CPU "
+                            "time per idle ping")
     return [step(*p) for p in pairs]
 
 

@@ -87,6 +87,10 @@ class Figure:
     # throughput on a small machine, where iperf3 and both daemons compete for the same cores.
     cpu_s_per_gb: float | None = None
     rss_mb: float | None = None  # the largest peak RSS among those processes
+    # The largest anonymous RSS among them at the end: their own memory, without the pages of
+    # shared libraries, whose count depends on the page cache (after a fresh `pip install`
+    # every page of a library is cached, and each fault maps more of them).
+    anon_mb: float | None = None
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -103,6 +107,24 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
     return total / _TICK
+
+
+def cpu_seconds_fine(pids: list[int]) -> float:
+    """The CPU time of the processes' live threads in nanoseconds' resolution (schedstat), for
+    spans too short for the clock ticks of cpu_seconds (a few pings)."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total / 1e9
 
 
 def _run(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -298,14 +320,15 @@ def pair_lab(left: str, right: str, bridge: str | None = None, method: str = BRI
         yield lab, "10.232.0.2"
 
 
-def peak_rss_mb(pids: list[int]) -> float | None:
-    """The largest peak resident set (VmHWM) among the processes, in MB."""
+def peak_rss_mb(pids: list[int], field: str = "VmHWM") -> float | None:
+    """The largest peak resident set (VmHWM) among the processes, in MB; or another memory
+    field of /proc/PID/status (RssAnon: the anonymous part now)."""
     best = None
     for pid in pids:
         try:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
-                    if line.startswith("VmHWM:"):
+                    if line.startswith(field + ":"):
                         kb = int(line.split()[1])
                         best = kb / 1024 if best is None else max(best, kb / 1024)
         except (OSError, ValueError):
@@ -323,7 +346,7 @@ def throughput(lab: Lab, server: int, addr: str, label: str, seconds: int) -> li
         gb = mbps * seconds / 8 / 1000
         figures.append(Figure(label, "a<-b" if reverse else "a->b", mbps, retr,
                               round(cpu / gb, 2) if gb > 0 and lab.tunnel_pids else None,
-                              peak_rss_mb(lab.tunnel_pids)))
+                              peak_rss_mb(lab.tunnel_pids), peak_rss_mb(lab.tunnel_pids, "RssAnon")))
     return figures
 
 

@@ -46,6 +46,7 @@ def test_quick_suite_measures_every_scenario_and_cleans_up(tmp_path):
         ("tunnel", "wgpy <-> wgpy", "a->b Mbit/s"),
         ("tunnel", "wgpy <-> wireguard-go", "a<-b Mbit/s"),
         ("tunnel", "wgpy <-> wgpy", "peak RSS MB"),
+        ("tunnel", "wgpy <-> wgpy", "anon RSS MB"),
         ("tunnel", "wgpy <-> wgpy", "a->b CPU s/GB"),
         ("bridge", "wgpy <-> wgpy via wgpy ss aes-256-gcm", "a->b Mbit/s"),
         ("bridge", "wgpy <-> wgpy via wgpy udp2tcp", "a<-b Mbit/s"),

@@ -300,3 +300,57 @@ def test_latency_measures_the_other_checkout_too(monkeypatch):
     plan = suite._plan_latency(opts, Results(machine={}, started="", settings={}))
     assert [step.what for step in plan][-1] == "ping wgpy without busy-poll <-> wgpy without busy-poll"
     assert tunnel._env("wgpy without busy-poll")["WGPY_POLL_US"] == "0"
+
+
+def test_latency_reports_the_cpu_an_idle_ping_costs(monkeypatch):
+    """Next to the RTT, each tunnel pair's CPU time per idle ping (what wgpy's busy poll costs);
+    the bare veth has no tunnel processes and no such figure."""
+    from bench import latency, suite
+    opts = cli.options(cli.build_parser().parse_args(["latency"]))
+    monkeypatch.setattr(suite, "_netns_blocker", lambda *a: False)
+    monkeypatch.setattr(suite, "_lacking", lambda *a: False)
+    monkeypatch.setattr(latency, "measure",
+                        lambda left, right, seconds, count: (0.5, 2.0, None if left == "veth" else 0.25))
+    plan = suite._plan_latency(opts, Results(machine={}, started="", settings={}))
+    by_subject = {step.what: {s.metric: s.value for s in step.run(1)} for step in plan}
+    assert by_subject["ping veth (no tunnel)"] == {"idle RTT ms": 0.5, "loaded RTT ms": 2.0}
+    assert by_subject["ping wgpy <-> wgpy"] == {"idle RTT ms": 0.5, "loaded RTT ms": 2.0,
+                                                "idle CPU ms per ping": 0.25}
+
+
+def test_memory_figures_peak_and_anonymous():
+    """Peak RSS (VmHWM) and the anonymous part (RssAnon) of the tunnel processes, the larger of
+    them; the anonymous part is the process's own memory, at most its peak."""
+    import os
+    from bench import suite, tunnel
+    pid = os.getpid()
+    peak, anon = tunnel.peak_rss_mb([pid]), tunnel.peak_rss_mb([pid], "RssAnon")
+    assert 0 < anon <= peak
+    assert tunnel.peak_rss_mb([]) is None and tunnel.peak_rss_mb([2 ** 22 + 1]) is None  # no such process
+    figures = [tunnel.Figure("p", "a->b", 100.0, 0, 1.0, 50.0, 20.0), tunnel.Figure("p", "a<-b", 90.0, 0, 1.0, 52.0, 21.0)]
+    samples = {s.metric: s.value for s in suite._figure_samples("tunnel", "p", "", figures, 1)}
+    assert samples["peak RSS MB"] == 52.0 and samples["anon RSS MB"] == 21.0
+
+
+def test_fine_cpu_time_counts_every_thread():
+    import os
+    import threading
+    import time
+    from bench import tunnel
+    done, measured = threading.Event(), threading.Event()
+
+    def spin():  # then stays alive: the time of a thread that ended is not counted
+        stop = time.process_time() + 0.05  # this thread's and main's CPU time together
+        while time.process_time() < stop:
+            pass
+        done.set()
+        measured.wait(10)
+    before = tunnel.cpu_seconds_fine([os.getpid()])
+    t = threading.Thread(target=spin)
+    t.start()
+    done.wait(10)
+    spent = tunnel.cpu_seconds_fine([os.getpid()]) - before
+    measured.set()
+    t.join()
+    assert 0.045 <= spent < 5, spent
+    assert tunnel.cpu_seconds_fine([2 ** 22 + 1]) == 0
