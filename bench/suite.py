@@ -141,8 +141,9 @@ def _plan_tunnel(opts: Options, results: Results) -> list[Step]:
         variant = tunnel.add_variant(features)
         steps.append(_pair_step("tunnel", variant, variant, ref, opts))
     results.note("tunnel", "iperf3 TCP, one stream, two namespaces over veth, MTU 1420; reference: "
-                           f"{WG_GO_PAIR}; CPU s/GB: both daemons' CPU time per GB moved; RSS: the larger daemon's peak; "
-                           "anon RSS: the larger daemon's own memory at the end, without the shared libraries' pages")
+                           f"{WG_GO_PAIR}; CPU s/GB: both daemons' CPU time per GB moved; RSS: the larger "
+                           "daemon's peak; anon RSS: the larger daemon's own memory at the end, without the "
+                           "shared libraries' pages")
     return steps
 
 

@@ -614,10 +614,13 @@ class Engine:
         with scope:
             async with trio.open_nursery() as nursery:
                 await nursery.start(transport.run)
+                # The brief poll looks at the TUN and the UDP port only: after a bridge's batch
+                # it would spin blind (the bridge's next datagrams wait for its own task).
+                polls = not isinstance(transport, BridgeTransport)
                 for receive in transport.receivers():
-                    nursery.start_soon(self._receiver, receive)
+                    nursery.start_soon(self._receiver, receive, polls)
 
-    async def _receiver(self, receive: ReceiveFunc) -> None:
+    async def _receiver(self, receive: ReceiveFunc, polls: bool = True) -> None:
         """The one reader loop, whatever the transport."""
         while True:
             try:
@@ -627,8 +630,23 @@ class Engine:
             to_net = self._inbound(batch)
             if to_net:
                 await self._send(to_net)
-            if len(batch) < POLL_AFTER and self.poll_window:
+            if polls and len(batch) < POLL_AFTER and self.poll_window:
                 await self._poll_briefly()
+
+    def _answered_on_polled_sockets(self, sent: list[Datagram]) -> bool:
+        """Whether the answers to `sent` come where the brief poll looks (the UDP port, which
+        LWO shares): not when any went out by a bridge, or nested in a bridged entry peer, whose
+        replies arrive on the bridge's own connection. Spinning for those only costs CPU and
+        holds up the bridge's task."""
+        bridges = self.bridges
+        if not bridges:
+            return True
+        for _, endpoint in sent:
+            transport = self.transports.get(endpoint[2])
+            if isinstance(transport, BridgeTransport) or (
+                    isinstance(transport, NestedTransport) and transport.entry in bridges):
+                return False
+        return True
 
     def _inbound(self, batch: list[Datagram]) -> list[Datagram]:
         """One batch of received datagrams through the core: packets to the TUN, and what the
@@ -718,7 +736,7 @@ class Engine:
             self._reschedule_timers()
             if out:
                 await self._send(out)
-            if len(batch) < POLL_AFTER and self.poll_window:
+            if len(batch) < POLL_AFTER and self.poll_window and self._answered_on_polled_sockets(out):
                 await self._poll_briefly()
 
     async def _poll_briefly(self) -> None:

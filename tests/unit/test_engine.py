@@ -258,6 +258,77 @@ async def test_bridged_peer_goes_through_its_transport_and_is_pinned(socket_dir)
         nursery.cancel_scope.cancel()
 
 
+async def test_no_brief_poll_where_a_bridge_carries_the_answers(socket_dir, monkeypatch):
+    """The brief poll looks at the TUN and the UDP port only. After a batch that went out by a
+    bridge, or one that came in by it, the answers come on the bridge's own connection: the
+    engine sleeps in trio (where the bridge's task can take them) instead of spinning blind.
+    Direct traffic is polled after as before."""
+    net = MemoryNetwork()
+    bridges: list[MemoryBridge] = []
+
+    def open_bridge(spec, ident, fwmark):
+        bridges.append(MemoryBridge(net, spec, ident))
+        return bridges[-1]
+
+    async with trio.open_nursery() as nursery:
+        a = Node("wga", net, A_ADDR, socket_dir, open_bridge=open_bridge)
+        b = Node("wgb", net, B_ADDR, socket_dir)
+        polls = []
+
+        async def poll_briefly():
+            polls.append(trio.current_time())
+        for node in (a, b):
+            node.engine.poll_window = 0.001  # on, as with a real UDP port (the poll itself spied)
+        monkeypatch.setattr(a.engine, "_poll_briefly", poll_briefly)
+        monkeypatch.setattr(b.engine, "_poll_briefly", lambda: trio.sleep(0))
+        await nursery.start(a.engine.run)
+        await nursery.start(b.engine.run)
+        await b.set(f"private_key={b.key.hex()}", f"listen_port={B_ADDR[1]}", *peer_lines(a, None, f"{A_IN}/32"))
+        await a.set(f"private_key={a.key.hex()}", f"listen_port={A_ADDR[1]}", *peer_lines(b, B_ADDR, f"{B_IN}/32"),
+                    "wgpy_bridge=udp2tcp://203.0.113.9:443")
+        for payload in (b"bridged", b"again"):
+            a.tun.inject(ip4(A_IN, B_IN, payload))
+            with trio.fail_after(5):
+                assert await b.tun.next_written() == ip4(A_IN, B_IN, payload)
+            b.tun.inject(ip4(B_IN, A_IN, payload))  # the answer, back through the bridge
+            with trio.fail_after(5):
+                assert await a.tun.next_written() == ip4(B_IN, A_IN, payload)
+        assert bridges[0].sent >= 3 and not polls
+        # Direct: the TUN reader's small batch and the UDP receiver's are each followed by a poll.
+        await a.set(f"public_key={b.public.hex()}", "wgpy_bridge=")
+        a.tun.inject(ip4(A_IN, B_IN, b"direct"))
+        with trio.fail_after(5):
+            assert await b.tun.next_written() == ip4(A_IN, B_IN, b"direct")
+        b.tun.inject(ip4(B_IN, A_IN, b"direct"))
+        with trio.fail_after(5):
+            assert await a.tun.next_written() == ip4(B_IN, A_IN, b"direct")
+        await trio.sleep(0.1)
+        assert len(polls) >= 2
+        nursery.cancel_scope.cancel()
+
+
+def test_nested_hops_in_a_bridged_entry_are_answered_by_the_bridge(socket_dir):
+    """A nested hop's datagrams travel inside its entry peer: when the entry is bridged, their
+    answers come by the bridge too, and the TUN reader does not poll after them."""
+    from bridge.nested import NestedTransport
+    net = MemoryNetwork()
+    engine = Engine("wgn", socket_dir=socket_dir, tun=MemoryTun("wgn"), udp=net.attach(A_ADDR),
+                    open_bridge=lambda spec, ident, fwmark: MemoryBridge(net, spec, ident))
+    entry, direct_entry = engine.device.add_peer(b"e" * 32), engine.device.add_peer(b"d" * 32)
+    engine.set_bridge(entry, parse_bridge("udp2tcp://203.0.113.9:443"))
+    nested = {}
+    for key, ident in ((entry.public_key, 40), (direct_entry.public_key, 41)):
+        nested[key] = transport = NestedTransport.__new__(NestedTransport)
+        transport.entry, transport.ident = key, ident
+        engine.transports[ident] = transport
+    sent = lambda via: [(b"datagram", Endpoint("192.0.2.7", 51820, via))]  # noqa: E731
+    assert engine._answered_on_polled_sockets(sent(UDP))
+    assert not engine._answered_on_polled_sockets(sent(engine.bridges[entry.public_key].transport.ident))  # the bridge
+    assert not engine._answered_on_polled_sockets(sent(40))  # nested in the bridged entry
+    assert engine._answered_on_polled_sockets(sent(41))  # nested in a direct one
+    assert not engine._answered_on_polled_sockets(sent(UDP) + sent(40))  # any of them decides
+
+
 async def test_removed_peer_stops_its_bridge(socket_dir):
     net = MemoryNetwork()
     bridges: list[MemoryBridge] = []
