@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from bench.flood import initiations
 from tests.helpers import ip4, ip6, seeded_rng
 from transport.base import Endpoint
 from tunnel.noise import Device
@@ -100,6 +101,11 @@ def _datagrams(d1: Device, d2: Device, seed: int) -> list[tuple[bytes, Endpoint]
             out.append((rng.randbytes(rng.randrange(0, 6)), EP1))  # junk
     out.insert(len(out) // 2, (handshake[0], EP2))
     out.insert(len(out) // 3, (twos[5], EP2))  # replay of an earlier counter, before its turn
+    # A small flood between the data (fewer than make the relay "under load"): initiations with a
+    # valid mac1 and random content, the genuine one replayed, forged cookie replies. They are
+    # rejected.
+    for flood in initiations(p1.public_key, 4) + [handshake[0]] + [bytes([3, 0, 0, 0]) + rng.randbytes(60)] * 2:
+        out.insert(rng.randrange(len(out) // 2 + 1, len(out)), (flood, EP2))
     return out
 
 
@@ -132,6 +138,7 @@ def test_a_batch_is_its_datagrams_one_by_one(seed):
     assert sorted(len(d) for d, _ in res.to_net) == sorted(len(d) for d, _ in net)
     assert _state(r, r1, r2) == _state(s, s1, s2)
     assert r.drops["replayed counter"] > 0 and r.drops["transport authentication failed"] > 0
+    assert r.drops["initiation rejected"] >= 5 and r.drops["cookie reply rejected"] == 2
     assert r1.keypairs.next is None and r1.endpoint == EP1_ROAMED
 
 
