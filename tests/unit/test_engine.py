@@ -213,16 +213,21 @@ class MemoryBridge(MemoryTransport, BridgeTransport):
         self.spec = spec
 
 
+def memory_bridges(net: MemoryNetwork):
+    """An engine's `open_bridge` that makes MemoryBridges on `net`, and the list of those made."""
+    made: list[MemoryBridge] = []
+
+    def open_bridge(spec, ident, fwmark):
+        made.append(MemoryBridge(net, spec, ident))
+        return made[-1]
+    return open_bridge, made
+
+
 async def test_bridged_peer_goes_through_its_transport_and_is_pinned(socket_dir):
     """A peer with a bridge: its datagrams leave through the bridge's transport, never the UDP
     port; an authentic packet arriving over UDP is accepted but does not move it."""
     net = MemoryNetwork()
-    bridges: list[MemoryBridge] = []
-
-    def open_bridge(spec, ident, fwmark):
-        bridge = MemoryBridge(net, spec, ident)
-        bridges.append(bridge)
-        return bridge
+    open_bridge, bridges = memory_bridges(net)
 
     async with trio.open_nursery() as nursery:
         a = Node("wga", net, A_ADDR, socket_dir, open_bridge=open_bridge)
@@ -264,11 +269,7 @@ async def test_no_brief_poll_where_a_bridge_carries_the_answers(socket_dir, monk
     engine sleeps in trio (where the bridge's task can take them) instead of spinning blind.
     Direct traffic is polled after as before."""
     net = MemoryNetwork()
-    bridges: list[MemoryBridge] = []
-
-    def open_bridge(spec, ident, fwmark):
-        bridges.append(MemoryBridge(net, spec, ident))
-        return bridges[-1]
+    open_bridge, bridges = memory_bridges(net)
 
     async with trio.open_nursery() as nursery:
         a = Node("wga", net, A_ADDR, socket_dir, open_bridge=open_bridge)
@@ -331,11 +332,7 @@ def test_nested_hops_in_a_bridged_entry_are_answered_by_the_bridge(socket_dir):
 
 async def test_removed_peer_stops_its_bridge(socket_dir):
     net = MemoryNetwork()
-    bridges: list[MemoryBridge] = []
-
-    def open_bridge(spec, ident, fwmark):
-        bridges.append(MemoryBridge(net, spec, ident))
-        return bridges[-1]
+    open_bridge, bridges = memory_bridges(net)
 
     async with trio.open_nursery() as nursery:
         a = Node("wga", net, A_ADDR, socket_dir, open_bridge=open_bridge)
