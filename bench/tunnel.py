@@ -320,9 +320,9 @@ def pair_lab(left: str, right: str, bridge: str | None = None, method: str = BRI
         yield lab, "10.232.0.2"
 
 
-def peak_rss_mb(pids: list[int], field: str = "VmHWM") -> float | None:
-    """The largest peak resident set (VmHWM) among the processes, in MB; or another memory
-    field of /proc/PID/status (RssAnon: the anonymous part now)."""
+def memory_mb(pids: list[int], field: str = "VmHWM") -> float | None:
+    """The largest value of a memory field of /proc/PID/status among the processes, in MB:
+    VmHWM (the peak resident set) unless told, RssAnon (the anonymous part now), ..."""
     best = None
     for pid in pids:
         try:
@@ -346,7 +346,7 @@ def throughput(lab: Lab, server: int, addr: str, label: str, seconds: int) -> li
         gb = mbps * seconds / 8 / 1000
         figures.append(Figure(label, "a<-b" if reverse else "a->b", mbps, retr,
                               round(cpu / gb, 2) if gb > 0 and lab.tunnel_pids else None,
-                              peak_rss_mb(lab.tunnel_pids), peak_rss_mb(lab.tunnel_pids, "RssAnon")))
+                              memory_mb(lab.tunnel_pids), memory_mb(lab.tunnel_pids, "RssAnon")))
     return figures
 
 

@@ -324,9 +324,9 @@ def test_memory_figures_peak_and_anonymous():
     import os
     from bench import suite, tunnel
     pid = os.getpid()
-    peak, anon = tunnel.peak_rss_mb([pid]), tunnel.peak_rss_mb([pid], "RssAnon")
+    peak, anon = tunnel.memory_mb([pid]), tunnel.memory_mb([pid], "RssAnon")
     assert 0 < anon <= peak
-    assert tunnel.peak_rss_mb([]) is None and tunnel.peak_rss_mb([2 ** 22 + 1]) is None  # no such process
+    assert tunnel.memory_mb([]) is None and tunnel.memory_mb([2 ** 22 + 1]) is None  # no such process
     figures = [tunnel.Figure("p", "a->b", 100.0, 0, 1.0, 50.0, 20.0),
                tunnel.Figure("p", "a<-b", 90.0, 0, 1.0, 52.0, 21.0)]
     samples = {s.metric: s.value for s in suite._figure_samples("tunnel", "p", "", figures, 1)}
